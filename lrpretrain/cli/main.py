@@ -1,0 +1,77 @@
+"""``lrpretrain`` command line: subcommands taking Hydra-style overrides.
+
+    lrpretrain train [overrides]            train (or resume) a model; see README for the keys
+    lrpretrain generate run.dir=PATH [...]  sample text from a run's latest checkpoint
+    lrpretrain prepare-data [embedded]      prepare the embedded corpus and tokenizer now
+
+Mistakes in the input print one line on stderr and exit with status 2 (traceback with
+``LRPRETRAIN_DEBUG=1``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+from lrpretrain.errors import UserError
+
+USAGE = __doc__.split("\n\n")[1]
+
+
+def cmd_train(args: list[str]) -> int:
+    from lrpretrain.config import load_config
+    from lrpretrain.train import train
+
+    cfg, resolved = load_config(args)
+    result = train(cfg, resolved)
+    return 0 if result.get("status") in ("complete", "preempted") else 1
+
+
+def cmd_generate(args: list[str]) -> int:
+    from lrpretrain.generate import generate_from_run
+
+    print(generate_from_run(args))
+    return 0
+
+
+def cmd_prepare_data(args: list[str]) -> int:
+    from lrpretrain.data_recipes import embedded
+
+    what = args[0] if args else "embedded"
+    if what != "embedded":
+        raise UserError(f"unknown dataset '{what}' for prepare-data; allowed: embedded")
+    embedded.main(args[1:])
+    return 0
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "train": cmd_train,
+    "generate": cmd_generate,
+    "prepare-data": cmd_prepare_data,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print("usage:\n" + USAGE)
+        return 0 if argv else 2
+    command, args = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"lrpretrain: error: unknown command '{command}'; allowed: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[command](args)
+    except UserError as e:
+        if os.environ.get("LRPRETRAIN_DEBUG") == "1":
+            raise
+        print(f"lrpretrain: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lrpretrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""Config schemas and loading.
+
+Hydra composes ``conf/`` (a defaults list over the groups ``model/ method/ data/ optim/ trainer/``)
+onto the dataclasses below, registered in Hydra's ConfigStore, so a misspelled key or a value of the
+wrong type fails at composition. Each method plugin brings its own config dataclass (see
+``lrpretrain.methods``). :func:`load_config` turns every composition failure into a one-line
+:class:`~lrpretrain.errors.ConfigError`, then validates values: each dataclass checks its own fields in
+``validate()``; checks that span sections live in :func:`validate_config`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from lrpretrain.errors import ConfigError, allowed, check
+
+CONF_GROUPS = ("model", "method", "data", "optim", "trainer", "experiment")
+
+
+def _one_of(key: str, value: str, options: tuple[str, ...]) -> None:
+    check(value in options, key, value, f"allowed: {allowed(options)}")
+
+
+@dataclass
+class ModelConfig:
+    """A LLaMA decoder. Presets in conf/model/ (GaLore's configs/*.json plus CPU sizes)."""
+
+    name: str = MISSING
+    dim: int = MISSING  # hidden size
+    n_layers: int = MISSING
+    n_heads: int = MISSING
+    ffn_dim: int = MISSING  # SwiGLU intermediate size
+    vocab_size: int = 32000
+    max_seq_len: int = 1024
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    tie_embeddings: bool = False
+
+    def validate(self) -> None:
+        for f in ("dim", "n_layers", "n_heads", "ffn_dim", "vocab_size", "max_seq_len"):
+            check(getattr(self, f) > 0, f"model.{f}", getattr(self, f), "must be > 0")
+        check(self.dim % self.n_heads == 0, "model.n_heads", self.n_heads, f"must divide model.dim={self.dim}")
+        check((self.dim // self.n_heads) % 2 == 0, "model.n_heads", self.n_heads, "head dim must be even for RoPE")
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it becomes rows of tokens."""
+
+    name: str = MISSING
+    source: str = "embedded"  # embedded | jsonl | hf
+    files: list[str] = field(default_factory=list)  # jsonl: training files (C4 schema, optionally .gz)
+    val_files: list[str] = field(default_factory=list)  # jsonl: validation files
+    hf_path: str = "allenai/c4"  # hf: dataset on the hub, streamed
+    hf_name: str | None = "en"
+    train_split: str = "train"
+    val_split: str = "validation"
+    text_field: str = "text"
+    tokenizer: str = "embedded"  # "embedded", a tokenizer.json path, or a hub id (t5-base)
+    eos_token: str = "</s>"
+    pad_token: str = "<pad>"
+    seq_len: int = 256
+    mode: str = "pack"  # pack | truncate
+    seed: int = 0  # data order; independent of the model seed
+    shuffle_block: int = 1024  # documents permuted together inside a shard
+    val_tokens: int = 100_000  # fixed held-out budget (non-pad tokens)
+
+    def validate(self) -> None:
+        _one_of("data.source", self.source, ("embedded", "jsonl", "hf"))
+        _one_of("data.mode", self.mode, ("pack", "truncate"))
+        check(self.seq_len > 1, "data.seq_len", self.seq_len, "must be > 1")
+        check(self.shuffle_block >= 1, "data.shuffle_block", self.shuffle_block, "must be >= 1")
+        check(self.val_tokens >= 0, "data.val_tokens", self.val_tokens, "must be >= 0")
+        if self.source == "jsonl":
+            check(len(self.files) > 0, "data.files", list(self.files), "data=jsonl needs at least one file")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule (counted in optimizer updates)."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables
+
+    def validate(self) -> None:
+        _one_of("optim.name", self.name, ("adamw",))
+        _one_of("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
+        check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", list(self.betas),
+              "expected two values in [0, 1)")
+        check(self.eps > 0, "optim.eps", self.eps, "must be > 0")
+        check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
+        check(0 < self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "must be in (0, 1]")
+        check(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100  # optimizer updates
+    batch_size: int = 16  # global sequences per optimizer update
+    micro_batch_size: int = 16  # sequences per forward/backward on one device
+    eval_every: int = 50  # 0: only at the end
+    eval_at_start: bool = True
+    eval_batch_size: int = 0  # 0: micro_batch_size
+    ckpt_every: int = 50  # 0: only at the end (and on SIGTERM/SIGUSR1)
+    keep_last: int = 2
+    ckpt_checksum: bool = True  # crc32 of every checkpoint file, verified on load
+    resume: str = "auto"  # auto | never | PATH to a checkpoint directory
+    log_every: int = 1
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile the model
+    threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
+    on_nonfinite: str = "skip"  # skip the update | stop the run
+    max_nonfinite: int = 10  # consecutive skipped updates before stopping anyway
+
+    def validate(self) -> None:
+        for f in ("max_steps", "batch_size", "micro_batch_size", "keep_last", "log_every"):
+            check(getattr(self, f) > 0, f"trainer.{f}", getattr(self, f), "must be > 0")
+        for f in ("eval_every", "ckpt_every", "threads", "eval_batch_size"):
+            check(getattr(self, f) >= 0, f"trainer.{f}", getattr(self, f), "must be >= 0")
+        check(self.resume in ("auto", "never") or bool(self.resume), "trainer.resume", self.resume,
+              "allowed: auto, never, or a checkpoint directory")
+        _one_of("trainer.precision", self.precision, ("auto", "fp32", "bf16"))
+        _one_of("trainer.device", self.device, ("auto", "cpu", "cuda"))
+        _one_of("trainer.on_nonfinite", self.on_nonfinite, ("skip", "stop"))
+        check(self.max_nonfinite > 0, "trainer.max_nonfinite", self.max_nonfinite, "must be > 0")
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "disabled"  # disabled | offline | online
+    project: str = "lrpretrain"
+    entity: str | None = None
+    progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | none
+
+    def validate(self) -> None:
+        _one_of("logging.wandb", self.wandb, ("disabled", "offline", "online"))
+        _one_of("logging.progress", self.progress, ("auto", "bar", "lines", "none"))
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/${model.name}-${method.name}-${now:%Y%m%d-%H%M%S}"
+    name: str | None = None  # W&B run name; default: the run directory's name
+    overwrite: bool = False  # allow starting a different run in an existing run.dir (deletes it)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    method: Any = None  # the plugin's own dataclass (see lrpretrain.methods)
+    data: DataConfig = MISSING
+    optim: OptimConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    seed: int = 0
+
+
+def conf_dir() -> Path:
+    """The directory holding config.yaml (top-level ``conf/``, packaged as ``lrpretrain.conf``)."""
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("lrpretrain.conf")))
+
+
+def group_options(group: str) -> list[str]:
+    """Names selectable for a config group: YAML files plus structured configs from plugins."""
+    from hydra.core.config_store import ConfigStore
+
+    names = {p.stem for p in (conf_dir() / group).glob("*.yaml")}
+    names |= {k.removesuffix(".yaml") for k in ConfigStore.instance().repo.get(group, {})}
+    return sorted(names)
+
+
+def register_configs() -> None:
+    """Put the schemas (and every registered method plugin's schema) into Hydra's ConfigStore."""
+    from hydra.core.config_store import ConfigStore
+
+    from lrpretrain.methods import available_methods, get_method
+
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    yaml_methods = {p.stem for p in (conf_dir() / "method").glob("*.yaml")}
+    for name in available_methods():
+        schema = get_method(name).Config
+        # conf/method/<name>.yaml starts from this schema (`- /method_schema/<name>@_here_`);
+        # a third-party plugin without a YAML is selectable through its schema alone.
+        cs.store(group="method_schema", name=name, node=schema(name=name))
+        if name not in yaml_methods:
+            cs.store(group="method", name=name, node=schema(name=name))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: Hydra composition with one-line errors
+
+
+def _first_line(e: BaseException | None) -> str:
+    return str(e).strip().splitlines()[0] if e is not None and str(e).strip() else type(e).__name__
+
+
+def _keys_hint(section: str, overrides: list[str]) -> str:
+    """'keys in <section>: ...' for a config section (the selected method's for 'method')."""
+    if not section:
+        return f"top-level keys: {allowed(f.name for f in fields(Config))}"
+    if section == "method":
+        from lrpretrain.methods import get_method
+
+        name = next((o.split("=", 1)[1] for o in overrides if o.startswith("method=")), "full")
+        try:
+            return f"keys of method '{name}': {allowed(f.name for f in fields(get_method(name).Config))}"
+        except ConfigError:
+            return "see conf/method/"
+    f = {f.name: f for f in fields(Config)}.get(section)
+    schema = f.default_factory if f is not None and callable(f.default_factory) else None
+    schema = schema or (globals().get(f.type) if f is not None and isinstance(f.type, str) else None)
+    if isinstance(schema, type) and is_dataclass(schema):
+        return f"keys in '{section}': {allowed(x.name for x in fields(schema))}"
+    return "see the config tree in the README"
+
+
+def _composition_error(e: Exception, overrides: list[str]) -> ConfigError:
+    msg = str(e)
+    cause = e.__cause__
+    m = re.search(r"Could not (?:find|load) '([\w/]+)/([^']+)'", msg)
+    if m:
+        group, option = m.group(1), m.group(2)
+        top = group.split("/")[0]
+        if top in CONF_GROUPS:
+            return ConfigError(f"unknown {top} '{option}'; allowed: {allowed(group_options(top))}")
+        return ConfigError(f"unknown config '{group}/{option}'")
+    m = re.search(r"Could not override '([^']+)'", msg)
+    if m:
+        key = m.group(1)
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        return ConfigError(f"unknown config key '{key}'; {_keys_hint(parent, overrides)}")
+    m = re.search(r"Error merging override (\S+)", msg)
+    if m:
+        detail = _first_line(cause)
+        return ConfigError(f"bad value in override '{m.group(1)}': {detail}")
+    if "OverrideParseException" in type(e).__name__ or "parse" in msg.lower():
+        return ConfigError(f"cannot parse overrides {overrides}: {_first_line(e)}")
+    detail = _first_line(e) + (f" ({_first_line(cause)})" if cause is not None else "")
+    return ConfigError(f"invalid config: {detail}")
+
+
+def _unknown_keys(node: DictConfig, schema: type, prefix: str) -> list[str]:
+    """Keys in ``node`` that ``schema`` does not declare (``+key=`` overrides bypass Hydra's check)."""
+    declared = {f.name: f for f in fields(schema)}
+    bad = []
+    for key in node.keys():
+        f = declared.get(str(key))
+        if f is None:
+            bad.append(f"{prefix}.{key}")
+            continue
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        sub = node._get_node(key)
+        if isinstance(sub, DictConfig) and is_dataclass(default):
+            bad += _unknown_keys(sub, type(default), f"{prefix}.{key}")
+    return bad
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """Compose conf/config.yaml with Hydra overrides; any failure becomes one ConfigError line."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+            cfg = hydra_compose("config", overrides=list(overrides))
+    except Exception as e:  # Hydra raises several exception types; all are the user's overrides
+        raise _composition_error(e, list(overrides)) from e
+    finally:
+        GlobalHydra.instance().clear()
+    return cfg
+
+
+def to_typed(cfg: DictConfig) -> Config:
+    """Resolve and convert to dataclasses, rejecting unknown keys and invalid values."""
+    from lrpretrain.methods import get_method
+
+    try:
+        OmegaConf.resolve(cfg)
+    except Exception as e:
+        raise ConfigError(f"cannot resolve config: {_first_line(e)}") from e
+    for section in ("model", "data", "optim", "trainer", "logging", "run"):
+        schema = {f.name: f for f in fields(Config)}[section].type
+        schema_cls = globals()[schema] if isinstance(schema, str) else schema
+        bad = _unknown_keys(cfg[section], schema_cls, section)
+        if bad:
+            known = ", ".join(f.name for f in fields(schema_cls))
+            raise ConfigError(f"unknown config key '{bad[0]}'; keys in '{section}': {known}")
+    method_name = cfg.method.get("name") if isinstance(cfg.get("method"), DictConfig) else None
+    if not method_name:
+        raise ConfigError("method.name is missing; select a method with method=NAME")
+    plugin = get_method(method_name)
+    bad = _unknown_keys(cfg.method, plugin.Config, "method")
+    if bad:
+        known = ", ".join(f.name for f in fields(plugin.Config))
+        raise ConfigError(f"unknown config key '{bad[0]}' for method '{method_name}'; keys: {known}")
+    try:
+        method_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(plugin.Config), cfg.method))
+        missing = OmegaConf.missing_keys(cfg)
+        if missing:
+            raise ConfigError(f"config value missing for '{sorted(missing)[0]}'")
+        typed: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), {k: v for k, v in cfg.items() if k != "method"}))  # type: ignore[assignment]
+    except ConfigError:
+        raise
+    except Exception as e:
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"invalid config{f' at {key}' if key else ''}: {_first_line(e)}") from e
+    typed.method = method_cfg
+    return typed
+
+
+def validate_config(cfg: Config, world_size: int = 1) -> None:
+    """Section checks, then the checks that span sections."""
+    for section in (cfg.model, cfg.data, cfg.optim, cfg.trainer, cfg.logging, cfg.method):
+        if hasattr(section, "validate"):
+            section.validate()
+    check(cfg.data.seq_len <= cfg.model.max_seq_len, "data.seq_len", cfg.data.seq_len,
+          f"must be <= model.max_seq_len={cfg.model.max_seq_len} for model={cfg.model.name}")
+    t = cfg.trainer
+    per_step = t.micro_batch_size * world_size
+    check(t.batch_size % per_step == 0, "trainer.batch_size", t.batch_size,
+          f"must be a multiple of trainer.micro_batch_size x world_size = {t.micro_batch_size} x {world_size}")
+    check(cfg.trainer.device != "cuda" or _cuda_available(), "trainer.device", "cuda", "no CUDA device is available")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def load_config(overrides: list[str], world_size: int | None = None) -> tuple[Config, DictConfig]:
+    """Compose, resolve, type-check and validate. Returns the typed config and its resolved DictConfig."""
+    raw = compose(overrides)
+    typed = to_typed(raw)
+    validate_config(typed, world_size_from_env() if world_size is None else world_size)
+    return typed, to_dictconfig(typed)
+
+
+def to_dictconfig(cfg: Config) -> DictConfig:
+    return OmegaConf.structured(cfg)
+
+
+def from_yaml(path: str | os.PathLike) -> Config:
+    """Load a resolved config.yaml written into a run directory."""
+    raw = OmegaConf.load(path)
+    assert isinstance(raw, DictConfig)
+    typed = to_typed(raw)
+    validate_config(typed, 1)
+    return typed

@@ -1,0 +1,108 @@
+"""The method plugin contract.
+
+A method decides how target weights are parameterized and/or how their gradients are turned into
+updates, and what happens every N steps. The trainer only calls these hooks; it never asks which
+method is running. Every hook has a default that means "plain full-rank training", so a plugin
+overrides only what it changes. See DESIGN.md ("Method plugin contract").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from omegaconf import MISSING
+from torch import nn
+
+if TYPE_CHECKING:
+    from lrpretrain.config import ModelConfig, OptimConfig
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's config dataclass (``conf/method/<name>.yaml`` fills it)."""
+
+    name: str = MISSING
+
+    def validate(self) -> None:
+        """Check the method's own values; raise ConfigError with one line."""
+
+
+@dataclass
+class StepContext:
+    """What ``after_step`` sees after optimizer update number ``step`` (1-based) is applied."""
+
+    step: int
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr: float
+    loss: float
+    log: Callable[[dict[str, Any]], None] = field(default=lambda _m: None)  # add metrics for this step
+
+
+class Method:
+    """Full-rank training: the defaults of every hook."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, cfg: MethodConfig, model_cfg: ModelConfig):
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+
+    # -- once, before wrapping -------------------------------------------------------------
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Module surgery (replace target Linears, rewire blocks). Runs before any wrapping."""
+        return model
+
+    def param_groups(self, model: nn.Module, optim_cfg: OptimConfig) -> list[dict[str, Any]]:
+        """Parameter groups for the optimizer: matrices get weight decay, norms and vectors do not."""
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return groups
+
+    def build_optimizer(self, groups: list[dict[str, Any]], optim_cfg: OptimConfig) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
+                                 weight_decay=optim_cfg.weight_decay)
+
+    def recompute_policy(self) -> Any:
+        """The method's own activation-recomputation policy (``trainer.recompute=method``); None: none."""
+        return None
+
+    # -- every optimizer update --------------------------------------------------------------
+    def lr_factor(self, step: int) -> float:
+        """Multiplies the base schedule at update ``step`` (0-based), e.g. ReLoRA's jagged restarts."""
+        return 1.0
+
+    def after_step(self, ctx: StepContext) -> None:
+        """Periodic work after an update: merges, switches, resampling, optimizer resets."""
+
+    # -- checkpoints and export -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """State not held by the model or the optimizer (sampling RNGs, counters). Plain tensors/ints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def dense_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The function as dense LLaMA weights (names of the unmodified model), for export."""
+        return {k: v.detach() for k, v in model.state_dict().items()}
+
+    # -- accounting ---------------------------------------------------------------------------
+    def trainable_parameters(self, model: nn.Module) -> int:
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    def cost(self, model_cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+        """Analytic parameters and training FLOPs per token (6N + attention), for MFU and estimates."""
+        from lrpretrain.model.llama import flops_per_token, param_count
+
+        n = param_count(model_cfg)
+        return {"params": float(n), "trainable_params": float(n), "flops_per_token": flops_per_token(model_cfg, seq_len)}

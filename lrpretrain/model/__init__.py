@@ -1,0 +1,22 @@
+"""The LLaMA model and its builder."""
+
+from __future__ import annotations
+
+import torch
+
+from lrpretrain.config import ModelConfig
+from lrpretrain.model.llama import LLaMA, flops_per_token, generate, lm_loss, param_count
+
+__all__ = ["LLaMA", "build_model", "flops_per_token", "generate", "lm_loss", "param_count"]
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", materialize: bool = True) -> LLaMA:
+    """Describe the model on the meta device (no memory), then materialise it on ``device`` and
+    initialise it from the current torch RNG. ``materialize=False`` returns the meta model (for
+    parameter counting, or for FSDP2 to shard before allocating)."""
+    with torch.device("meta"):
+        model = LLaMA(cfg)
+    if materialize:
+        model.to_empty(device=device)
+        model.init_weights()
+    return model

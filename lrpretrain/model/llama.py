@@ -1,0 +1,189 @@
+"""A LLaMA decoder in one file.
+
+RMSNorm (pre-norm), rotary position embeddings (the rotate-half layout of HF LLaMA), SwiGLU MLP,
+causal attention through ``scaled_dot_product_attention``, no biases, untied embedding and LM head,
+every weight initialised N(0, 0.02) as in the GaLore configs (``configs/llama_*.json``).
+
+Module names follow HF LLaMA where it matters for method targets: every attention projection lives
+under ``attn`` (q_proj, k_proj, v_proj, o_proj) and every MLP projection under ``mlp`` (gate_proj,
+up_proj, down_proj).
+
+The model is built on the meta device and materialised with :meth:`LLaMA.init_weights` (see
+:func:`lrpretrain.model.build_model`), so a 7B model costs nothing to describe and FSDP2 can shard it
+before any memory is allocated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrpretrain.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_cache(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, shape (seq_len, head_dim), in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    t = torch.arange(seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, D); cos/sin: (T, D)
+    return (x * cos + _rotate_half(x) * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.q_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.o_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LLaMA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_cache(cfg.max_seq_len, cfg.dim // cfg.n_heads, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, vocab) logits."""
+        T = input_ids.shape[1]
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.lm_head(self.norm(x))
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Materialised weights: N(0, init_std) for every Linear and Embedding, ones for norms."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=self.cfg.init_std)
+            elif isinstance(m, RMSNorm):
+                m.reset_parameters()
+        cos, sin = rope_cache(self.cfg.max_seq_len, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta,
+                              device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy. Returns (sum over counted tokens, number of counted tokens).
+
+    ``labels`` is aligned with the input ids (-100 where a position is not a target, e.g. padding);
+    the shift happens here, as in HF's causal-LM loss.
+    """
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    loss_sum = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+    return loss_sum, (shift_labels != -100).sum()
+
+
+def param_count(cfg: ModelConfig, embeddings: bool = True) -> int:
+    """Exact parameter count of :class:`LLaMA` for ``cfg`` (no allocation)."""
+    d, f = cfg.dim, cfg.ffn_dim
+    per_layer = 4 * d * d + 3 * d * f + 2 * d
+    n = cfg.n_layers * per_layer + d  # + final norm
+    if embeddings:
+        n += cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+    return n
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (matmul parameters) + causal attention scores (PaLM appendix B)."""
+    matmul_params = param_count(cfg, embeddings=False) + cfg.vocab_size * cfg.dim  # LM head is a matmul
+    attention = 12 * cfg.n_layers * cfg.dim * seq_len / 2  # QK^T and AV, halved by the causal mask
+    return 6.0 * matmul_params + attention
+
+
+@torch.no_grad()
+def generate(model: LLaMA, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int = 0, eos_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample ``max_new_tokens`` continuations of ``ids`` (1, T). Greedy when temperature == 0."""
+    for _ in range(max_new_tokens):
+        context = ids[:, -model.cfg.max_seq_len:]
+        logits = model(context)[:, -1, :].float()
+        if temperature <= 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k > 0:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, -math.inf)
+            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+        ids = torch.cat([ids, nxt], dim=1)
+        if eos_id is not None and int(nxt) == eos_id:
+            break
+    return ids

@@ -1,0 +1,87 @@
+"""Build every part of a run from its config and hand them to the Trainer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lrpretrain.config import Config
+from lrpretrain.data import TokenStream, ValidationSet, load_tokenizer
+from lrpretrain.distributed import rank, world_size
+from lrpretrain.errors import ConfigError
+from lrpretrain.methods import get_method
+from lrpretrain.metrics import MetricsLogger
+from lrpretrain.model import build_model
+from lrpretrain.train.rng import seed_everything
+from lrpretrain.train.rundir import prepare_run_dir
+from lrpretrain.train.trainer import Trainer, TrainingStopped
+
+__all__ = ["Trainer", "TrainingStopped", "build_trainer", "train", "resolve_device"]
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    if cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def build_trainer(cfg: Config, resolved: DictConfig) -> Trainer:
+    """Validate what needs the data, prepare the run dir, then build model, method, optimizer, data."""
+    r, w = rank(), world_size()
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    device = resolve_device(cfg)
+    run_dir = Path(cfg.run.dir)
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.eos_token, cfg.data.pad_token)
+    if tokenizer.vocab_needed > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the {tokenizer.vocab_needed} ids "
+                          f"of tokenizer {tokenizer.name} (data.tokenizer={cfg.data.tokenizer}); use a model whose "
+                          "vocab_size covers it")
+    data = TokenStream(cfg.data, tokenizer, cfg.trainer.micro_batch_size, r, w, vocab_size=cfg.model.vocab_size)
+    val = ValidationSet(cfg.data, tokenizer, r, w) if cfg.data.val_tokens > 0 and _has_validation(cfg) else None
+
+    logs: list[str] = []
+    if r == 0:
+        prepare_run_dir(run_dir, resolved, cfg.trainer.resume, cfg.run.overwrite, logs.append)
+    logger = MetricsLogger(cfg, run_dir, OmegaConf.to_container(resolved), cfg.trainer.max_steps, r)  # type: ignore[arg-type]
+    for m in logs:
+        logger.info(f"warning: {m}")
+    if val is None:
+        logger.info("no validation data (data.val_files is empty or data.val_tokens=0): evaluation is off")
+    elif val.short:
+        logger.info(f"validation: {val.available_tokens} tokens available, fewer than data.val_tokens={cfg.data.val_tokens}")
+
+    plugin = get_method(cfg.method.name)(cfg.method, cfg.model)
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model, device)
+    model = plugin.prepare_model(model)
+    optimizer = plugin.build_optimizer(plugin.param_groups(model, cfg.optim), cfg.optim)
+    accum = cfg.trainer.batch_size // (cfg.trainer.micro_batch_size * w)
+    cost = plugin.cost(cfg.model, cfg.data.seq_len)
+    trainer = Trainer(cfg, resolved, model, plugin, optimizer, data, val, run_dir, logger, device, accum,
+                      flops_per_token=cost["flops_per_token"])
+    n_params, n_train = sum(p.numel() for p in model.parameters()), plugin.trainable_parameters(model)
+    logger.info(f"run {run_dir} | model {cfg.model.name} ({n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable) | "
+                f"method {cfg.method.name} | data {cfg.data.name} ({cfg.data.mode}, seq {cfg.data.seq_len}) | "
+                f"{cfg.trainer.batch_size} seq/update = {accum} x {cfg.trainer.micro_batch_size} x {w} | "
+                f"device {device} | {trainer.precision}")
+    return trainer
+
+
+def _has_validation(cfg: Config) -> bool:
+    return cfg.data.source != "jsonl" or len(cfg.data.val_files) > 0
+
+
+def train(cfg: Config, resolved: DictConfig) -> dict[str, Any]:
+    """Run (or resume) training to ``trainer.max_steps``; returns the last metrics record."""
+    trainer = build_trainer(cfg, resolved)
+    try:
+        trainer.resume()
+        return trainer.fit()
+    finally:
+        trainer.logger.close()

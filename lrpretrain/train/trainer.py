@@ -1,0 +1,246 @@
+"""The training loop: it wires the built parts together and calls the method's hooks.
+
+It never asks which method is running. One optimizer update (:meth:`Trainer.train_step`) is:
+fetch the step's micro-batches, forward + backward each (loss normalised by the step's target
+tokens, so the update does not depend on how the batch is split), clip, guard against non-finite
+values, set the LR (schedule x method factor), step, ``method.after_step``.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from lrpretrain.checkpoint import Checkpointer
+from lrpretrain.config import Config
+from lrpretrain.data import TokenStream, ValidationSet
+from lrpretrain.distributed import all_reduce_sum
+from lrpretrain.errors import CheckpointError, UserError
+from lrpretrain.methods import Method, StepContext
+from lrpretrain.metrics import MetricsLogger
+from lrpretrain.model import lm_loss
+from lrpretrain.optim import lr_factor
+from lrpretrain.train.rng import rng_state, set_rng_state
+
+
+class TrainingStopped(UserError):
+    """Training cannot go on (non-finite loss); the message says why."""
+
+
+@dataclass
+class TrainState:
+    """Counters that, with model/optimizer/data/RNG/method state, make up a checkpoint."""
+
+    step: int = 0  # optimizer updates done
+    tokens: int = 0  # non-pad tokens consumed (all ranks)
+    nonfinite: int = 0  # updates skipped because the loss or gradient norm was not finite
+    consecutive_nonfinite: int = 0
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resolved: DictConfig, model: nn.Module, method: Method,
+                 optimizer: torch.optim.Optimizer, data: TokenStream, val: ValidationSet | None,
+                 run_dir: Path, logger: MetricsLogger, device: torch.device, accum_steps: int,
+                 flops_per_token: float = 0.0):
+        self.cfg, self.tcfg = cfg, cfg.trainer
+        self.resolved = resolved
+        self.model = model
+        self.forward = torch.compile(model) if cfg.trainer.compile else model
+        self.method = method
+        self.optimizer = optimizer
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        self.data, self.val = data, val
+        self.run_dir = run_dir
+        self.logger = logger
+        self.device = device
+        self.accum_steps = accum_steps
+        self.flops_per_token = flops_per_token
+        self.state = TrainState()
+        self.ckpt = Checkpointer(run_dir, cfg.trainer.keep_last, cfg.trainer.ckpt_checksum)
+        bf16 = cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and device.type == "cuda")
+        self.precision = "bf16" if bf16 else "fp32"
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+        self._stop_signal: str | None = None
+
+    # -- state -------------------------------------------------------------------------------
+    def train_state(self) -> dict[str, Any]:
+        return {
+            "step": self.state.step, "tokens": self.state.tokens, "nonfinite": self.state.nonfinite,
+            "consecutive_nonfinite": self.state.consecutive_nonfinite,
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": {"step": self.state.step, "max_steps": self.tcfg.max_steps},
+            "data": self.data.state_dict(),
+            "rng": rng_state(),
+            "method": self.method.state_dict(),
+        }
+
+    def save_checkpoint(self) -> Path:
+        path = self.ckpt.save(self.state.step, self.model.state_dict(), self.train_state(),
+                              OmegaConf.to_yaml(self.resolved))
+        self.logger.info(f"checkpoint saved: {path}")
+        return path
+
+    def resume(self) -> None:
+        """Load the checkpoint that ``trainer.resume`` names (auto: the newest complete one)."""
+        self.ckpt.remove_stale()
+        how = self.tcfg.resume
+        if how == "never":
+            return
+        loaded = self.ckpt.load_latest(lambda m: self.logger.info(f"warning: {m}")) if how == "auto" \
+            else Checkpointer.load(how)
+        if loaded is None:
+            return
+        try:
+            self.model.load_state_dict(loaded.model, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoint {loaded.path} does not fit this model: {str(e).splitlines()[0]}") from e
+        s = loaded.state
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.data.load_state_dict(s["data"])
+        self.method.load_state_dict(s["method"])
+        set_rng_state(s["rng"])
+        self.state = TrainState(s["step"], s["tokens"], s["nonfinite"], s["consecutive_nonfinite"])
+        self.logger.info(f"resumed from {loaded.path} (step {self.state.step}, {self.state.tokens} tokens)")
+
+    # -- one update ----------------------------------------------------------------------------
+    def train_step(self) -> dict[str, Any]:
+        self.model.train()
+        batches = [next(self.data) for _ in range(self.accum_steps)]
+        targets = all_reduce_sum(torch.tensor(sum(int((b.labels[:, 1:] != -100).sum()) for b in batches),
+                                              dtype=torch.float64, device=self.device))
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for b in batches:
+            with self.autocast():
+                logits = self.forward(b.input_ids.to(self.device, non_blocking=True))
+            ls, _ = lm_loss(logits, b.labels.to(self.device, non_blocking=True))
+            (ls / targets).backward()
+            loss_sum += ls.detach()
+        loss = float(all_reduce_sum(loss_sum) / targets)
+
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optim.grad_clip, grad_norm)
+        grad_norm = float(grad_norm)
+
+        step = self.state.step
+        factor = lr_factor(step, self.cfg.optim, self.tcfg.max_steps) * self.method.lr_factor(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        record: dict[str, Any] = {"loss": loss, "grad_norm": grad_norm, "lr": self.cfg.optim.lr * factor}
+
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
+            self.state.consecutive_nonfinite = 0
+        else:
+            self._nonfinite(step, loss, grad_norm)
+            record["skipped"] = True
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.tokens += int(all_reduce_sum(torch.tensor(sum(b.tokens for b in batches), device=self.device)))
+        self.method.after_step(StepContext(self.state.step, self.model, self.optimizer, record["lr"], loss,
+                                           record.update))
+        return record
+
+    def _nonfinite(self, step: int, loss: float, grad_norm: float) -> None:
+        self.state.nonfinite += 1
+        self.state.consecutive_nonfinite += 1
+        what = f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at update {step + 1} " \
+               f"(loss {loss}, grad norm {grad_norm})"
+        if self.tcfg.on_nonfinite == "stop":
+            raise TrainingStopped(f"{what}; stopping (trainer.on_nonfinite=stop)")
+        if self.state.consecutive_nonfinite >= self.tcfg.max_nonfinite:
+            raise TrainingStopped(f"{what}; {self.state.consecutive_nonfinite} updates in a row were skipped "
+                                  f"(trainer.max_nonfinite={self.tcfg.max_nonfinite}); stopping")
+        self.logger.info(f"warning: {what}; update skipped (trainer.on_nonfinite=skip)")
+
+    # -- evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Token-weighted loss and perplexity on the fixed validation set."""
+        assert self.val is not None
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for ids, labels in self.val.batches(self.tcfg.eval_batch_size or self.tcfg.micro_batch_size):
+            with self.autocast():
+                logits = self.forward(ids.to(self.device))
+            ls, n = lm_loss(logits, labels.to(self.device))
+            total += torch.stack([ls.double(), n.double()])
+        loss_sum, n = all_reduce_sum(total).tolist()
+        val_loss = loss_sum / max(n, 1)
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0)), "val_tokens": int(n)}
+
+    # -- the loop --------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        t = self.tcfg
+        self.logger.start(self.state.step)
+        last: dict[str, Any] = {}
+        if self.state.step >= t.max_steps:
+            self.logger.info(f"run already complete: step {self.state.step} of trainer.max_steps={t.max_steps}")
+            return {"step": self.state.step, "status": "complete"}
+        if self.state.step == 0 and t.eval_at_start and self.val is not None:
+            last = {"step": 0, "tokens": 0, "lr": 0.0, **self.evaluate()}
+            self.logger.log(last)
+        handlers = self._install_signal_handlers()
+        tokens_window, time_window = 0, 0.0
+        try:
+            while self.state.step < t.max_steps:
+                t0 = time.perf_counter()
+                tokens_before = self.state.tokens
+                record = self.train_step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                step_tokens = self.state.tokens - tokens_before
+                tokens_window, time_window = tokens_window + step_tokens, time_window + dt
+                step = self.state.step
+                record = {"step": step, "tokens": self.state.tokens, **record, "step_time": dt,
+                          "tokens_per_s": step_tokens / dt if dt > 0 else 0.0}
+                if self.flops_per_token and self.device.type == "cuda":
+                    record["tflops"] = self.flops_per_token * step_tokens / dt / 1e12
+                is_eval = self.val is not None and (step == t.max_steps or (t.eval_every and step % t.eval_every == 0))
+                if is_eval:
+                    record.update(self.evaluate())
+                if is_eval or step % t.log_every == 0 or step == t.max_steps:
+                    self.logger.log(record)
+                last = record
+                stop = self._stop_signal is not None
+                if stop or step == t.max_steps or (t.ckpt_every and step % t.ckpt_every == 0):
+                    self.save_checkpoint()
+                if stop:
+                    self.logger.info(f"stopped by {self._stop_signal} at step {step}; resume with trainer.resume=auto")
+                    return {**last, "status": "preempted"}
+        finally:
+            self._restore_signal_handlers(handlers)
+            self.data.close()
+        if time_window > 0:
+            last["mean_tokens_per_s"] = tokens_window / time_window
+        self.logger.summary(last.get("mean_tokens_per_s"))
+        return {**last, "status": "complete"}
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        def handler(signum, _frame):
+            self._stop_signal = signal.Signals(signum).name
+
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread: leave signals to the caller
+                pass
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+        for sig, h in previous.items():
+            signal.signal(sig, h)

