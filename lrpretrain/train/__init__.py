@@ -56,6 +56,9 @@ def build_trainer(cfg: Config, resolved: DictConfig) -> Trainer:
     elif val.short:
         logger.info(f"validation: {val.available_tokens} tokens available, fewer than data.val_tokens={cfg.data.val_tokens}")
 
+    if cfg.trainer.precision == "bf16" and device.type == "cpu":
+        logger.info("warning: trainer.precision=bf16 on the CPU: without native bf16 matmuls this is far slower "
+                    "than fp32 (29x on the CPU in benchmarks/results/README.md)")
     plugin = get_method(cfg.method.name)(cfg.method, cfg.model)
     seed_everything(cfg.seed)
     model = build_model(cfg.model, device)
