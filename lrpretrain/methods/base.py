@@ -18,6 +18,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from lrpretrain.config import ModelConfig, OptimConfig
+    from lrpretrain.optim import ParamwiseOptimizer
 
 
 @dataclass
@@ -68,9 +69,12 @@ class Method:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         return groups
 
-    def build_optimizer(self, groups: list[dict[str, Any]], optim_cfg: OptimConfig) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
-                                 weight_decay=optim_cfg.weight_decay)
+    def build_optimizer(self, groups: list[dict[str, Any]], optim_cfg: OptimConfig) -> ParamwiseOptimizer:
+        """A :class:`~lrpretrain.optim.ParamwiseOptimizer` (so per-layer updates can step it)."""
+        from lrpretrain.optim import AdamW
+
+        return AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
+                     weight_decay=optim_cfg.weight_decay)
 
     def recompute_policy(self) -> Any:
         """The method's own activation-recomputation policy (``trainer.recompute=method``); None: none."""
