@@ -97,8 +97,14 @@ class Method:
         pass
 
     def dense_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The function as dense LLaMA weights (names of the unmodified model), for export."""
-        return {k: v.detach() for k, v in model.state_dict().items()}
+        """The function as dense LLaMA weights (names of the unmodified model), for export.
+
+        Every :class:`~lrpretrain.methods.toolkit.Reparameterized` module becomes ``<name>.weight``
+        through its ``dense_weight()``; a method overrides this only to refuse (CoLA) or to add.
+        """
+        from lrpretrain.methods.toolkit import dense_state_dict
+
+        return dense_state_dict(model)
 
     # -- accounting ---------------------------------------------------------------------------
     def trainable_parameters(self, model: nn.Module) -> int:

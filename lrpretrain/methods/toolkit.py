@@ -1,0 +1,233 @@
+"""The low-rank toolkit that every reparameterization method reuses.
+
+- :class:`Reparameterized`: the base of every module that replaces a target ``nn.Linear``. It states
+  its function as one dense weight (:meth:`~Reparameterized.dense_weight`), which is all that
+  merging, export (:func:`dense_state_dict`) and function-preservation tests need.
+- :func:`reparameterize`: replace the selected target projections (``method.targets``, see
+  :mod:`lrpretrain.methods.targets`) with modules built from the original Linear.
+- Factor initialisations (:func:`kaiming_uniform_`, the ``nn.Linear`` default that LoRA uses for A).
+- :class:`LoRALinear` (frozen W0 + s·B·A, with :meth:`~LoRALinear.merge_`) shared by LoRA, ReLoRA,
+  PeriodicLoRA and SwitchLoRA; :class:`LowRankLinear` (W = B·A).
+- :func:`check_rank`: one clear error for a rank outside [1, min(m, n)].
+- :func:`parameter_counts` and :func:`reset_optimizer_state` (full, magnitude or random pruning of
+  the optimizer's moments, as ReLoRA's restarts and SST's swaps need).
+
+Shapes follow ``nn.Linear``: a weight is (out_features, in_features) = (m, n); ``A`` is (r, n) and
+``B`` is (m, r), so ``y = x W^T`` becomes ``y = (x A^T) B^T``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrpretrain.errors import ConfigError
+from lrpretrain.methods.targets import select_targets, set_module
+
+# -- ranks ------------------------------------------------------------------------------------------
+
+
+def check_rank(rank: int, shape: tuple[int, int], where: str, key: str = "method.rank", clamp: bool = False) -> int:
+    """``rank`` if it lies in [1, min(shape)]; clamped to min(shape) when ``clamp``; else a ConfigError."""
+    limit = min(shape)
+    if rank <= 0:
+        raise ConfigError(f"{key}={rank} is invalid: must be > 0")
+    if rank > limit:
+        if clamp:
+            return limit
+        raise ConfigError(f"{key}={rank} is invalid: must be <= min(m, n) = {limit} for {where} "
+                          f"({shape[0]}x{shape[1]})")
+    return rank
+
+
+# -- initialisation -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def kaiming_uniform_(t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``nn.Linear``'s default: Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    with fan_in = t.shape[1]. LoRA and ReLoRA initialise A this way."""
+    bound = 1.0 / math.sqrt(t.shape[1])
+    return t.uniform_(-bound, bound, generator=generator)
+
+
+# -- modules ------------------------------------------------------------------------------------------
+
+
+class Reparameterized(nn.Module):
+    """Base of a module that replaces a target ``nn.Linear(in_features, out_features, bias=False)``."""
+
+    in_features: int
+    out_features: int
+
+    def dense_weight(self) -> torch.Tensor:
+        """The module's function as one (out_features, in_features) matrix, in fp32."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be written as a dense weight")
+
+
+class LowRankLinear(Reparameterized):
+    """W = B·A with both factors trained (the plain low-rank baseline)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.lora_B.float() @ self.lora_A.float()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class LoRALinear(Reparameterized):
+    """y = x W0^T + s · (x A^T) B^T with W0 frozen (``weight``), A (r, n) and B (m, r) trained.
+
+    A is Kaiming-uniform and B zero, so the adapter starts as a no-op yet B receives a gradient
+    from the first step (ReLoRA's reference zero-initialises both factors, which leaves them
+    untrained until the first merge: ReLoRA issue #18).
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, scale: float, train_base: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.scale = rank, scale
+        self.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=train_base)  # W0
+        w = self.weight
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, device=w.device, dtype=w.dtype))
+        self.reset_factors()
+
+    @torch.no_grad()
+    def reset_factors(self, generator: torch.Generator | None = None) -> None:
+        kaiming_uniform_(self.lora_A, generator)
+        self.lora_B.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+    def delta(self) -> torch.Tensor:
+        """s·B·A in fp32."""
+        return self.scale * (self.lora_B.float() @ self.lora_A.float())
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight.float() + self.delta()
+
+    @torch.no_grad()
+    def merge_(self, reinit: bool = True, generator: torch.Generator | None = None) -> None:
+        """W0 <- W0 + s·B·A, then (by default) a fresh adapter: the function is unchanged."""
+        self.weight.copy_(self.dense_weight().to(self.weight.dtype))
+        if reinit:
+            self.reset_factors(generator)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"scale={self.scale:g}, train_base={self.weight.requires_grad}")
+
+
+# -- surgery and export ---------------------------------------------------------------------------------
+
+
+def reparameterize(model: nn.Module, targets: list[str],
+                   build: Callable[[str, nn.Linear], nn.Module]) -> list[tuple[str, nn.Module]]:
+    """Replace every selected target projection with ``build(qualified_name, linear)``.
+
+    ``build`` sees the original, initialised ``nn.Linear`` (so a method can start from the standard
+    init, e.g. SST's SVD of it) and returns the replacement. Returns the new modules in model order.
+    """
+    replaced = []
+    for qual, linear in select_targets(model, targets):
+        if not isinstance(linear, nn.Linear):
+            raise ConfigError(f"{qual} is a {type(linear).__name__}, not an nn.Linear: it was already replaced")
+        new = build(qual, linear)
+        set_module(model, qual, new)
+        replaced.append((qual, new))
+    return replaced
+
+
+def reparameterized_modules(model: nn.Module) -> list[tuple[str, Reparameterized]]:
+    return [(q, m) for q, m in model.named_modules() if isinstance(m, Reparameterized)]
+
+
+@torch.no_grad()
+def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state as a plain LLaMA's: every reparameterized module becomes ``<name>.weight``.
+
+    Raises NotImplementedError (with the module's name) where a module has no dense form (CoLA).
+    """
+    modules = reparameterized_modules(model)
+    out = {}
+    for key, value in model.state_dict().items():
+        if not any(key.startswith(q + ".") for q, _ in modules):
+            out[key] = value.detach()
+    for q, m in modules:
+        out[f"{q}.weight"] = m.dense_weight().detach()
+    return out
+
+
+# -- accounting -------------------------------------------------------------------------------------------
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Total, trainable and frozen parameter counts (shared tensors counted once)."""
+    seen: set[int] = set()
+    total = trainable = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return {"total": total, "trainable": trainable, "frozen": total - trainable}
+
+
+# -- optimizer state ------------------------------------------------------------------------------------
+
+
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+@torch.no_grad()
+def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], mode: str,
+                          ratio: float = 1.0, generator: torch.Generator | None = None,
+                          keys: tuple[str, ...] = MOMENT_KEYS) -> tuple[int, int]:
+    """Zero part of the optimizer's moments of ``params``; returns (entries zeroed, entries seen).
+
+    ``full``: every entry. ``magnitude``: per tensor, the entries whose |value| lies below the
+    ``ratio`` quantile (ReLoRA's partial reset; each moment pruned by its own magnitudes).
+    ``random``: per tensor, each entry with probability ``ratio`` (drawn from ``generator``).
+    Step counters are kept (the bias correction goes on), as in ReLoRA's reference.
+    """
+    if mode not in ("full", "magnitude", "random"):
+        raise ConfigError(f"optimizer reset mode '{mode}' is invalid; allowed: full, magnitude, random")
+    if not 0.0 <= ratio <= 1.0:
+        raise ConfigError(f"optimizer reset ratio={ratio} is invalid: must be in [0, 1]")
+    zeroed = seen = 0
+    for p in params:
+        state = optimizer.state.get(p, {})
+        for key in keys:
+            t = state.get(key)
+            if not isinstance(t, torch.Tensor) or t.numel() == 0:
+                continue
+            if mode == "full" or ratio >= 1.0:
+                mask = torch.ones_like(t, dtype=torch.bool)
+            elif mode == "magnitude":
+                k = int(ratio * t.numel())  # the k smallest |values| are zeroed
+                mask = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
+                if k > 0:
+                    mask[t.abs().flatten().argsort(stable=True)[:k]] = True
+                mask = mask.view_as(t)
+            else:
+                mask = torch.rand(t.shape, generator=generator, device="cpu").to(t.device) < ratio
+            t.masked_fill_(mask, 0)
+            zeroed += int(mask.sum())
+            seen += t.numel()
+    return zeroed, seen
