@@ -20,6 +20,22 @@ def test_every_yaml_in_every_group_composes(group):
             assert getattr(cfg, group).name == name
 
 
+def test_every_experiment_preset_composes_and_validates():
+    presets = group_options("experiment")
+    assert {"demo", "full_c4_60m", "full_c4_7b"} <= set(presets)
+    for name in presets:
+        cfg, _ = load_config([f"experiment={name}"])
+        assert cfg.trainer.batch_size % cfg.trainer.micro_batch_size == 0, name
+
+
+def test_c4_presets_follow_the_galore_protocol():
+    cfg, _ = load_config(["experiment=full_c4_60m"])
+    assert (cfg.model.name, cfg.data.name, cfg.data.mode, cfg.data.seq_len, cfg.data.tokenizer) == \
+        ("llama_60m", "c4", "truncate", 256, "t5-base")
+    assert (cfg.trainer.batch_size, cfg.trainer.max_steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio,
+            cfg.optim.weight_decay) == (512, 10000, 1000, 0.1, 0.0)
+
+
 def test_defaults_and_resolved_run_dir():
     cfg, resolved = load_config([])
     assert (cfg.model.name, cfg.method.name, cfg.data.name) == ("llama_small", "full", "embedded")
