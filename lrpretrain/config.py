@@ -337,6 +337,8 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
     for section in (cfg.model, cfg.data, cfg.optim, cfg.trainer, cfg.logging, cfg.method):
         if hasattr(section, "validate"):
             section.validate()
+    if hasattr(cfg.method, "validate_for_model"):  # method checks against the model's shapes
+        cfg.method.validate_for_model(cfg.model)
     check(cfg.data.seq_len <= cfg.model.max_seq_len, "data.seq_len", cfg.data.seq_len,
           f"must be <= model.max_seq_len={cfg.model.max_seq_len} for model={cfg.model.name}")
     t = cfg.trainer

@@ -30,6 +30,10 @@ class MethodConfig:
     def validate(self) -> None:
         """Check the method's own values; raise ConfigError with one line."""
 
+    def validate_for_model(self, model: ModelConfig) -> None:
+        """Checks that need the model's shapes (a rank against min(m, n), a checkpoint's fit). Runs at
+        config time, after :meth:`validate`, before any heavy work; raise ConfigError with one line."""
+
 
 @dataclass
 class StepContext:

@@ -8,7 +8,11 @@
 - Factor initialisations (:func:`kaiming_uniform_`, the ``nn.Linear`` default that LoRA uses for A).
 - :class:`LoRALinear` (frozen W0 + s·B·A, with :meth:`~LoRALinear.merge_`) shared by LoRA, ReLoRA,
   PeriodicLoRA and SwitchLoRA; :class:`LowRankLinear` (W = B·A).
-- :func:`check_rank`: one clear error for a rank outside [1, min(m, n)].
+- :func:`check_rank`: one clear error for a rank outside [1, min(m, n)]; :func:`check_rank_for_model`
+  checks it at config time against every target's shape (:func:`target_shapes`).
+- :func:`reparameterized_cost`: analytic params / trainable params / training FLOPs per token of a
+  model whose targets are replaced, from a per-target cost (each method's ``cost()``).
+- :func:`seeded_generator`: a method's own RNG, derived from the run's seed (saved in checkpoints).
 - :func:`parameter_counts` and :func:`reset_optimizer_state` (full, magnitude or random pruning of
   the optimizer's moments, as ReLoRA's restarts and SST's swaps need).
 
@@ -20,13 +24,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lrpretrain.errors import ConfigError
-from lrpretrain.methods.targets import select_targets, set_module
+from lrpretrain.methods.targets import expand_targets, select_targets, set_module
+
+if TYPE_CHECKING:
+    from lrpretrain.config import ModelConfig
 
 # -- ranks ------------------------------------------------------------------------------------------
 
@@ -44,6 +52,20 @@ def check_rank(rank: int, shape: tuple[int, int], where: str, key: str = "method
     return rank
 
 
+def target_shapes(model_cfg: ModelConfig, targets: list[str]) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) = (m, n) of each selected projection name (the same in every layer)."""
+    d, f = model_cfg.dim, model_cfg.ffn_dim
+    shapes = {"q_proj": (d, d), "k_proj": (d, d), "v_proj": (d, d), "o_proj": (d, d),
+              "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
+    return {name: shapes[name] for name in expand_targets(list(targets))}
+
+
+def check_rank_for_model(rank: int, model_cfg: ModelConfig, targets: list[str], key: str = "method.rank") -> None:
+    """At config time (no model built): ``rank`` must fit every target of ``model_cfg``."""
+    for name, shape in target_shapes(model_cfg, targets).items():
+        check_rank(rank, shape, f"{name} of model={model_cfg.name}", key)
+
+
 # -- initialisation -----------------------------------------------------------------------------------
 
 
@@ -52,7 +74,19 @@ def kaiming_uniform_(t: torch.Tensor, generator: torch.Generator | None = None) 
     """``nn.Linear``'s default: Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     with fan_in = t.shape[1]. LoRA and ReLoRA initialise A this way."""
     bound = 1.0 / math.sqrt(t.shape[1])
+    if generator is not None and generator.device != t.device:  # a CPU generator for a GPU tensor
+        return t.copy_(torch.empty(t.shape, dtype=t.dtype).uniform_(-bound, bound, generator=generator))
     return t.uniform_(-bound, bound, generator=generator)
+
+
+def seeded_generator(salt: int) -> torch.Generator:
+    """A CPU generator for a method's own sampling (re-initialisations, supports, pruning masks).
+
+    Seeded from the run's seed (``torch.initial_seed()`` after the trainer's ``seed_everything``) plus
+    a per-method ``salt``, so it does not depend on what else drew from the global RNG. A method keeps
+    it and saves ``get_state()`` in ``state_dict()`` so that resume continues the same stream.
+    """
+    return torch.Generator().manual_seed((torch.initial_seed() + salt) % (1 << 63))
 
 
 # -- modules ------------------------------------------------------------------------------------------
@@ -70,22 +104,30 @@ class Reparameterized(nn.Module):
 
 
 class LowRankLinear(Reparameterized):
-    """W = B·A with both factors trained (the plain low-rank baseline)."""
+    """W = s·B·A with both factors trained (the plain low-rank baseline); s defaults to 1.
 
-    def __init__(self, in_features: int, out_features: int, rank: int, device=None, dtype=None):
+    ``dropout`` acts on the input of A (as LoRA's dropout); the factors are left uninitialised:
+    the method that builds the module chooses their initialisation.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, device=None, dtype=None,
+                 scale: float = 1.0, dropout: float = 0.0):
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.scale, self.dropout = scale, dropout
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.lora_A), self.lora_B)
+        y = F.linear(F.linear(F.dropout(x, self.dropout, self.training), self.lora_A), self.lora_B)
+        return y if self.scale == 1.0 else self.scale * y
 
     def dense_weight(self) -> torch.Tensor:
-        return self.lora_B.float() @ self.lora_A.float()
+        return self.scale * (self.lora_B.float() @ self.lora_A.float())
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"scale={self.scale:g}, dropout={self.dropout:g}")
 
 
 class LoRALinear(Reparameterized):
@@ -96,10 +138,10 @@ class LoRALinear(Reparameterized):
     untrained until the first merge: ReLoRA issue #18).
     """
 
-    def __init__(self, base: nn.Linear, rank: int, scale: float, train_base: bool = False):
+    def __init__(self, base: nn.Linear, rank: int, scale: float, train_base: bool = False, dropout: float = 0.0):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.rank, self.scale = rank, scale
+        self.rank, self.scale, self.dropout = rank, scale, dropout  # dropout: on the adapter's input only
         self.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=train_base)  # W0
         w = self.weight
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=w.device, dtype=w.dtype))
@@ -112,7 +154,8 @@ class LoRALinear(Reparameterized):
         self.lora_B.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+        xa = F.linear(F.dropout(x, self.dropout, self.training), self.lora_A)
+        return F.linear(x, self.weight) + self.scale * F.linear(xa, self.lora_B)
 
     def delta(self) -> torch.Tensor:
         """s·B·A in fp32."""
@@ -130,7 +173,7 @@ class LoRALinear(Reparameterized):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"scale={self.scale:g}, train_base={self.weight.requires_grad}")
+                f"scale={self.scale:g}, dropout={self.dropout:g}, train_base={self.weight.requires_grad}")
 
 
 # -- surgery and export ---------------------------------------------------------------------------------
@@ -189,6 +232,33 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     return {"total": total, "trainable": trainable, "frozen": total - trainable}
 
 
+# Per-target cost of a reparameterization: (parameters, trainable parameters, training FLOPs per token)
+# of one (m, n) target module.
+TargetCost = Callable[[int, int], tuple[float, float, float]]
+
+
+def dense_target_cost(m: int, n: int) -> tuple[float, float, float]:
+    """An ``nn.Linear(n, m)`` trained in full: 2mn FLOPs forward, 4mn backward (input and weight grads)."""
+    return float(m * n), float(m * n), 6.0 * m * n
+
+
+def reparameterized_cost(model_cfg: ModelConfig, seq_len: int, targets: list[str],
+                         per_target: TargetCost) -> dict[str, float]:
+    """``cost()`` of a model whose selected targets are replaced: the full-rank analytic cost with
+    every target's dense share swapped for ``per_target(m, n)`` (embeddings, head, norms unchanged)."""
+    from lrpretrain.model.llama import flops_per_token, param_count
+
+    params = trainable = float(param_count(model_cfg))
+    flops = flops_per_token(model_cfg, seq_len)
+    for m, n in target_shapes(model_cfg, targets).values():
+        p, t, f = per_target(m, n)
+        dp, dt, df = dense_target_cost(m, n)
+        params += model_cfg.n_layers * (p - dp)
+        trainable += model_cfg.n_layers * (t - dt)
+        flops += model_cfg.n_layers * (f - df)
+    return {"params": params, "trainable_params": trainable, "flops_per_token": flops}
+
+
 # -- optimizer state ------------------------------------------------------------------------------------
 
 
@@ -198,13 +268,14 @@ MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 @torch.no_grad()
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], mode: str,
                           ratio: float = 1.0, generator: torch.Generator | None = None,
-                          keys: tuple[str, ...] = MOMENT_KEYS) -> tuple[int, int]:
+                          keys: tuple[str, ...] = MOMENT_KEYS, reset_step: bool = False) -> tuple[int, int]:
     """Zero part of the optimizer's moments of ``params``; returns (entries zeroed, entries seen).
 
     ``full``: every entry. ``magnitude``: per tensor, the entries whose |value| lies below the
     ``ratio`` quantile (ReLoRA's partial reset; each moment pruned by its own magnitudes).
     ``random``: per tensor, each entry with probability ``ratio`` (drawn from ``generator``).
-    Step counters are kept (the bias correction goes on), as in ReLoRA's reference.
+    Step counters are kept (the bias correction goes on), as in ReLoRA's reference, unless
+    ``reset_step``: then ``state["step"]`` restarts at 0 too, as in a freshly built optimizer.
     """
     if mode not in ("full", "magnitude", "random"):
         raise ConfigError(f"optimizer reset mode '{mode}' is invalid; allowed: full, magnitude, random")
@@ -230,4 +301,7 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[tor
             t.masked_fill_(mask, 0)
             zeroed += int(mask.sum())
             seen += t.numel()
+        step = state.get("step")
+        if reset_step and isinstance(step, torch.Tensor):
+            step.zero_()
     return zeroed, seen
