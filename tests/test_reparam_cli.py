@@ -17,21 +17,24 @@ from lrpretrain.optim import lr_factor
 
 from conftest import TINY, losses, read_metrics
 
-# Each case: method overrides whose merges/unloads fall at updates 4 and 8 of a 12-update run.
+# Each case: a method and overrides whose merges/unloads fall at updates 4 and 8 of a 12-update run.
 CASES = {
-    "lowrank": ["method.rank=16"],
-    "lora": ["method.rank=16"],
-    "relora": ["method.rank=16", "method.merge_every=4", "method.restart_warmup_steps=2"],
-    "periodic_lora": ["method.rank=16", "method.unload_every=4"],
-    "periodic_lora_momentum": ["method.rank=16", "method.unload_every=4", "method.unload=momentum",
-                               "method.momentum=0.3"],
-    "sltrain": ["method.rank=16", "method.delta=0.05"],
+    "lowrank": ("lowrank", ["method.rank=16"]),
+    "lora": ("lora", ["method.rank=16"]),
+    "relora": ("relora", ["method.rank=16", "method.merge_every=4", "method.restart_warmup_steps=2"]),
+    "relora_random_reset": ("relora", ["method.rank=16", "method.merge_every=4", "method.restart_warmup_steps=2",
+                                       "method.optimizer_reset=random"]),  # draws from the method's RNG
+    "periodic_lora": ("periodic_lora", ["method.rank=16", "method.unload_every=4"]),
+    "periodic_lora_momentum": ("periodic_lora", ["method.rank=16", "method.unload_every=4", "method.unload=momentum",
+                                                 "method.momentum=0.3"]),
+    "sltrain": ("sltrain", ["method.rank=16", "method.delta=0.05"]),
 }
 COMMON = [*TINY, "trainer.max_steps=12", "optim.lr=0.005", "trainer.ckpt_every=100", "trainer.eval_at_start=true"]
 
 
 def _method_args(case: str) -> list[str]:
-    return [f"method={case.removesuffix('_momentum')}", *CASES[case]]
+    method, overrides = CASES[case]
+    return [f"method={method}", *overrides]
 
 
 def _stop_after(monkeypatch, method: str, n: int) -> None:
@@ -59,7 +62,7 @@ def test_learns_and_resumes_between_merges_bit_for_bit(cli, tmp_path, monkeypatc
     assert sum(train[s] for s in (10, 11, 12)) < sum(train[s] for s in (1, 2, 3)) - 3.0
 
     # stopped after update 6: between the merges/unloads of updates 4 and 8
-    method = case.removesuffix("_momentum")
+    method = CASES[case][0]
     _stop_after(monkeypatch, method, 6)
     r = cli("train", *args, f"run.dir={run}")
     assert r.code == 0 and "stopped by SIGUSR1 at step 6" in r.err, r.err

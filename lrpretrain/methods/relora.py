@@ -17,8 +17,9 @@ Differences from the reference (Guitaricet/relora), on purpose:
   adapters learn from update 1;
 - the reference merges after update N+1 (the zero-LR update that opens a cycle); here the merge and
   reset follow update N and the zero-LR update is the first of the new cycle: the same shape, with
-  the fresh adapter and pruned moments in place before it. Its restart ramp climbs to the cosine
-  value at the restart point, ours to the (slowly moving) cosine envelope itself;
+  the fresh adapter and pruned moments in place before it. Its restart ramp climbs linearly to one
+  fixed value of the cosine taken near the restart (``_get_cosine_schedule_with_multiple_warmups_lambda``),
+  ours is the ramp times the cosine itself, which moves by a negligible amount within the ramp;
 - one period N serves merges, optimizer resets and restart warmups (the reference has separate
   ``--relora`` and ``--cycle_length``; every published run sets them equal).
 
