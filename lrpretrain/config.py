@@ -143,6 +143,27 @@ class TrainerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """How validation loss is reported (every ``trainer.eval_every`` updates and at the end).
+
+    Always: ``val_loss``/``val_ppl``, the token-weighted mean over the fixed held-out set (the truth).
+    ``protocol=galore`` adds ``galore_val_loss``/``galore_val_ppl``, GaLore's routine
+    (``torchrun_main.py:evaluate_model``) reproduced with its quirks, for comparison with the published
+    tables: batches of ``trainer.eval_batch_size`` rows (the training per-device batch by default, as
+    there) until the estimated global non-pad token count (local count x world size) exceeds
+    ``galore_tokens``; loss = mean of per-batch mean token losses, summed and divided by n + 1 for n
+    batches (its batch counter starts at 1), so the figure is biased low by n/(n+1); ranks averaged.
+    """
+
+    protocol: str = "tokens"  # tokens | galore
+    galore_tokens: int = 10_000_000  # GaLore's target_eval_tokens
+
+    def validate(self) -> None:
+        _one_of("eval.protocol", self.protocol, ("tokens", "galore"))
+        check(self.galore_tokens > 0, "eval.galore_tokens", self.galore_tokens, "must be > 0")
+
+
+@dataclass
 class LoggingConfig:
     wandb: str = "disabled"  # disabled | offline | online
     project: str = "lrpretrain"
@@ -168,6 +189,7 @@ class Config:
     data: DataConfig = MISSING
     optim: OptimConfig = MISSING
     trainer: TrainerConfig = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     seed: int = 0
@@ -302,7 +324,7 @@ def to_typed(cfg: DictConfig) -> Config:
         OmegaConf.resolve(cfg)
     except Exception as e:
         raise ConfigError(f"cannot resolve config: {_first_line(e)}") from e
-    for section in ("model", "data", "optim", "trainer", "logging", "run"):
+    for section in ("model", "data", "optim", "trainer", "eval", "logging", "run"):
         schema = {f.name: f for f in fields(Config)}[section].type
         schema_cls = globals()[schema] if isinstance(schema, str) else schema
         bad = _unknown_keys(cfg[section], schema_cls, section)
@@ -334,7 +356,7 @@ def to_typed(cfg: DictConfig) -> Config:
 
 def validate_config(cfg: Config, world_size: int = 1) -> None:
     """Section checks, then the checks that span sections."""
-    for section in (cfg.model, cfg.data, cfg.optim, cfg.trainer, cfg.logging, cfg.method):
+    for section in (cfg.model, cfg.data, cfg.optim, cfg.trainer, cfg.eval, cfg.logging, cfg.method):
         if hasattr(section, "validate"):
             section.validate()
     check(cfg.data.seq_len <= cfg.model.max_seq_len, "data.seq_len", cfg.data.seq_len,
