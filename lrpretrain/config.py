@@ -95,9 +95,11 @@ class OptimConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # global-norm clipping; 0 disables
+    state_bits: int = 32  # 32: fp32 moments; 8: blockwise 8-bit moments (bitsandbytes' format, 8-bit Adam)
 
     def validate(self) -> None:
         _one_of("optim.name", self.name, ("adamw",))
+        check(self.state_bits in (32, 8), "optim.state_bits", self.state_bits, "allowed: 32, 8")
         _one_of("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
         check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", list(self.betas),
@@ -359,6 +361,8 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
     for section in (cfg.model, cfg.data, cfg.optim, cfg.trainer, cfg.eval, cfg.logging, cfg.method):
         if hasattr(section, "validate"):
             section.validate()
+    if hasattr(cfg.method, "validate_for_model"):  # checks that need the model's shapes (e.g. rank <= min(m, n))
+        cfg.method.validate_for_model(cfg.model)
     check(cfg.data.seq_len <= cfg.model.max_seq_len, "data.seq_len", cfg.data.seq_len,
           f"must be <= model.max_seq_len={cfg.model.max_seq_len} for model={cfg.model.name}")
     t = cfg.trainer

@@ -30,6 +30,9 @@ class MethodConfig:
     def validate(self) -> None:
         """Check the method's own values; raise ConfigError with one line."""
 
+    def validate_for_model(self, model_cfg: ModelConfig) -> None:
+        """Checks that need the model's shapes (a rank against min(m, n)); run before any heavy work."""
+
 
 @dataclass
 class StepContext:
@@ -74,7 +77,7 @@ class Method:
         from lrpretrain.optim import AdamW
 
         return AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
-                     weight_decay=optim_cfg.weight_decay)
+                     weight_decay=optim_cfg.weight_decay, state_bits=optim_cfg.state_bits)
 
     def recompute_policy(self) -> Any:
         """The method's own activation-recomputation policy (``trainer.recompute=method``); None: none."""
