@@ -49,8 +49,8 @@ class FrugalAdamW(SubspaceAdam):
         self.subspace = subspace
         basis = RandomBasis("orthonormal") if subspace == "random" else SVDBasis()
         self._active_sets: dict[tuple[int, int], set[int]] = {}
+        self._positions: dict[int, int] = {}
         super().__init__(params, basis, **kw)
-        self._positions = {id(p): i for g in self.param_groups for i, p in enumerate(g["params"])}
 
     def check_group(self, group: dict[str, Any]) -> None:
         group["subspace"] = self.subspace
@@ -114,10 +114,12 @@ class FrugalAdamW(SubspaceAdam):
             p.sub_(self._state_free(G.clone(), group).to(p.dtype))
 
     def _position(self, p: torch.Tensor, group: dict[str, Any]) -> int:
+        if id(p) not in self._positions:  # (re)built lazily: groups can be added or reloaded
+            self._positions = {id(q): i for g in self.param_groups for i, q in enumerate(g["params"])}
         return self._positions[id(p)]
 
     def _active_set(self, group: dict[str, Any], cycle: int) -> set[int]:
-        key = (id(group), cycle)
+        key = (id(group), cycle)  # a cache of a pure function of the cycle
         if key not in self._active_sets:
             n = len(group["params"])
             k = max(1, round(n * group["density"]))

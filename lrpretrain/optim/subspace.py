@@ -46,15 +46,18 @@ class SubspaceAdam(ParamwiseOptimizer):
         if lr < 0 or eps <= 0 or not all(0 <= b < 1 for b in betas) or weight_decay < 0 or state_bits not in (8, 32):
             raise ValueError(f"invalid hyperparameters: lr={lr}, betas={betas}, eps={eps}, "
                              f"weight_decay={weight_decay}, state_bits={state_bits}")
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
-                                  "state_bits": state_bits})
         self.basis = basis
         self.seed = seed
-        for group in self.param_groups:
-            if group.get("projected"):
-                for key, value in self.group_defaults.items():
-                    group.setdefault(key, value)
-                self.check_group(group)
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+                                  "state_bits": state_bits})
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group.get("projected"):
+            for key, value in self.group_defaults.items():
+                group.setdefault(key, value)
+            self.check_group(group)
         self._index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
 
     # -- configuration -----------------------------------------------------------------------
