@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_errors import one_line
 
-from conftest import TINY, losses, read_metrics
 from lrpretrain.config import load_config
 from lrpretrain.methods import get_method
 from lrpretrain.model import build_model
-from test_errors import one_line
+
+from conftest import TINY, losses, read_metrics
 
 FAST = ["method.update_proj_gap=5", "optim.lr=0.005", "optim.warmup_steps=2"]
 METHODS = {
