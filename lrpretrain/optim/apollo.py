@@ -45,12 +45,10 @@ class Apollo(SubspaceAdam):
     def update(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], G: torch.Tensor,
                R: torch.Tensor, N: torch.Tensor, P, Q, side: str, step_size: float) -> torch.Tensor:
         s = channel_scaling(N, R, side) if group["scale_type"] == "channel" else tensor_scaling(N, R)
-        scaled = G * s
+        scaled = torch.mul(G, s)
         root_alpha = math.sqrt(group["scale"])
         if group["scale_front"]:
-            scaled = scaled * root_alpha
+            scaled.mul_(root_alpha)
         if group["norm_growth_limiter"]:
             scaled = limit_norm_growth(scaled, state, group["limiter_gamma"])
-        if not group["scale_front"]:
-            scaled = scaled * root_alpha
-        return scaled.mul_(step_size)
+        return scaled.mul_(step_size if group["scale_front"] else root_alpha * step_size)

@@ -46,7 +46,6 @@ class FiraAdamW(SubspaceAdam):
     def update(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], G: torch.Tensor,
                R: torch.Tensor, N: torch.Tensor, P, Q, side: str, step_size: float) -> torch.Tensor:
         alpha = group["scale"]
-        in_subspace = project_back(R, P, Q)
-        residual = G - (alpha * in_subspace if group["residual"] == "reference" else in_subspace)
-        residual = limit_norm_growth(residual * channel_scaling(N, R, side), state, group["limiter_gamma"])
-        return (project_back(N, P, Q).mul_(alpha) + residual).mul_(step_size)
+        residual = project_back(R, P, Q).mul_(-alpha if group["residual"] == "reference" else -1.0).add_(G)
+        residual = limit_norm_growth(residual.mul_(channel_scaling(N, R, side)), state, group["limiter_gamma"])
+        return project_back(N, P, Q).mul_(alpha).add_(residual).mul_(step_size)

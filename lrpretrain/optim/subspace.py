@@ -183,7 +183,7 @@ def limit_norm_growth(x: torch.Tensor, state: dict[str, Any], gamma: float, key:
     """Fira's norm-growth limiter: if ||x_t|| / ||x_{t-1}|| > gamma, scale x_t down to gamma·||x_{t-1}||.
 
     ``state[key]`` keeps the (limited) norm of the previous step; the first call only records it.
-    Tensor ops only (no host sync), as in Fira's code: x / (max(ratio, gamma) / gamma).
+    Tensor ops only (no host sync), as in Fira's code: x / (max(ratio, gamma) / gamma). In place.
     """
     norm = torch.linalg.vector_norm(x)
     if key not in state:
@@ -191,4 +191,4 @@ def limit_norm_growth(x: torch.Tensor, state: dict[str, Any], gamma: float, key:
         return x
     limiter = torch.clamp(norm / (state[key] + 1e-8), min=gamma) / gamma
     state[key] = norm / limiter
-    return x / limiter
+    return x.div_(limiter)
