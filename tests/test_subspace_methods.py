@@ -13,7 +13,9 @@ from lrpretrain.model import build_model
 
 from conftest import TINY, losses, read_metrics
 
-FAST = ["method.update_proj_gap=5", "optim.lr=0.005", "optim.warmup_steps=2"]
+# One torch thread: on a loaded 2-core machine, 2-thread LAPACK/BLAS calls stall on OpenMP barriers.
+ONE = "trainer.threads=1"
+FAST = ["method.update_proj_gap=5", "optim.lr=0.005", "optim.warmup_steps=2", ONE]
 METHODS = {
     "galore": [],
     "galore_dct": [],
@@ -42,7 +44,7 @@ def test_each_method_trains_on_llama_tiny(cli, tmp_path, name):
 
 def test_galore_resumes_bit_for_bit_between_refreshes(cli, tmp_path):
     """10 updates straight vs 6 + resume to 10, with refreshes at 0, 4, 8: the cut is mid-cycle."""
-    common = [*TINY, "method=galore", "method.update_proj_gap=4", "optim.schedule=constant", "optim.warmup_steps=0",
+    common = [*TINY, ONE, "method=galore", "method.update_proj_gap=4", "optim.schedule=constant", "optim.warmup_steps=0",
               "optim.lr=0.005", "trainer.ckpt_every=0"]
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert cli("train", *common, f"run.dir={ref}", "trainer.max_steps=10").code == 0
@@ -81,7 +83,7 @@ def test_bad_values_are_one_line(cli, tmp_path, args, expected):
 
 def test_clamp_rank_allows_a_rank_above_min_dim(cli, tmp_path):
     run = tmp_path / "run"
-    r = cli("train", *TINY, f"run.dir={run}", "method=galore", "method.rank=200", "method.clamp_rank=true",
+    r = cli("train", *TINY, ONE, f"run.dir={run}", "method=galore", "method.rank=200", "method.clamp_rank=true",
             "trainer.max_steps=2", "trainer.ckpt_every=0")
     assert r.code == 0, r.err
     state = torch.load(run / "checkpoints" / "step_2" / "train_state.pt", weights_only=True)["optimizer"]["state"]
@@ -95,7 +97,7 @@ def test_svd_fallback_is_logged(cli, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.linalg, "svd", broken)
     run = tmp_path / "run"
-    r = cli("train", *TINY, f"run.dir={run}", "method=galore", "method.update_proj_gap=2", "trainer.max_steps=3",
+    r = cli("train", *TINY, ONE, f"run.dir={run}", "method=galore", "method.update_proj_gap=2", "trainer.max_steps=3",
             "trainer.ckpt_every=0")
     assert r.code == 0, r.err
     logged = [x["svd_fallbacks"] for x in read_metrics(run) if "svd_fallbacks" in x]
