@@ -95,9 +95,11 @@ class OptimConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # global-norm clipping; 0 disables
+    state_bits: int = 32  # 32: fp32 moments; 8: blockwise 8-bit moments (bitsandbytes' format, 8-bit Adam)
 
     def validate(self) -> None:
         _one_of("optim.name", self.name, ("adamw",))
+        check(self.state_bits in (32, 8), "optim.state_bits", self.state_bits, "allowed: 32, 8")
         _one_of("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
         check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", list(self.betas),
@@ -143,6 +145,27 @@ class TrainerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """How validation loss is reported (every ``trainer.eval_every`` updates and at the end).
+
+    Always: ``val_loss``/``val_ppl``, the token-weighted mean over the fixed held-out set (the truth).
+    ``protocol=galore`` adds ``galore_val_loss``/``galore_val_ppl``, GaLore's routine
+    (``torchrun_main.py:evaluate_model``) reproduced with its quirks, for comparison with the published
+    tables: batches of ``trainer.eval_batch_size`` rows (the training per-device batch by default, as
+    there) until the estimated global non-pad token count (local count x world size) exceeds
+    ``galore_tokens``; loss = mean of per-batch mean token losses, summed and divided by n + 1 for n
+    batches (its batch counter starts at 1), so the figure is biased low by n/(n+1); ranks averaged.
+    """
+
+    protocol: str = "tokens"  # tokens | galore
+    galore_tokens: int = 10_000_000  # GaLore's target_eval_tokens
+
+    def validate(self) -> None:
+        _one_of("eval.protocol", self.protocol, ("tokens", "galore"))
+        check(self.galore_tokens > 0, "eval.galore_tokens", self.galore_tokens, "must be > 0")
+
+
+@dataclass
 class LoggingConfig:
     wandb: str = "disabled"  # disabled | offline | online
     project: str = "lrpretrain"
@@ -168,6 +191,7 @@ class Config:
     data: DataConfig = MISSING
     optim: OptimConfig = MISSING
     trainer: TrainerConfig = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     seed: int = 0
@@ -302,7 +326,7 @@ def to_typed(cfg: DictConfig) -> Config:
         OmegaConf.resolve(cfg)
     except Exception as e:
         raise ConfigError(f"cannot resolve config: {_first_line(e)}") from e
-    for section in ("model", "data", "optim", "trainer", "logging", "run"):
+    for section in ("model", "data", "optim", "trainer", "eval", "logging", "run"):
         schema = {f.name: f for f in fields(Config)}[section].type
         schema_cls = globals()[schema] if isinstance(schema, str) else schema
         bad = _unknown_keys(cfg[section], schema_cls, section)
@@ -334,10 +358,10 @@ def to_typed(cfg: DictConfig) -> Config:
 
 def validate_config(cfg: Config, world_size: int = 1) -> None:
     """Section checks, then the checks that span sections."""
-    for section in (cfg.model, cfg.data, cfg.optim, cfg.trainer, cfg.logging, cfg.method):
+    for section in (cfg.model, cfg.data, cfg.optim, cfg.trainer, cfg.eval, cfg.logging, cfg.method):
         if hasattr(section, "validate"):
             section.validate()
-    if hasattr(cfg.method, "validate_for_model"):  # method checks against the model's shapes
+    if hasattr(cfg.method, "validate_for_model"):  # checks that need the model's shapes (e.g. rank <= min(m, n))
         cfg.method.validate_for_model(cfg.model)
     check(cfg.data.seq_len <= cfg.model.max_seq_len, "data.seq_len", cfg.data.seq_len,
           f"must be <= model.max_seq_len={cfg.model.max_seq_len} for model={cfg.model.name}")

@@ -18,6 +18,15 @@ from lrpretrain.model import build_model
 METHODS = ["lowrank", "lora", "relora", "periodic_lora", "sltrain"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread is faster here, and immune to OpenMP barrier stalls on a loaded 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def built(method: str, *overrides: str, model: str = "llama_tiny"):
     cfg, _ = load_config([f"model={model}", f"method={method}", "method.rank=8", *overrides])
     torch.manual_seed(0)

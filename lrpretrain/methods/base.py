@@ -30,9 +30,8 @@ class MethodConfig:
     def validate(self) -> None:
         """Check the method's own values; raise ConfigError with one line."""
 
-    def validate_for_model(self, model: ModelConfig) -> None:
-        """Checks that need the model's shapes (a rank against min(m, n), a checkpoint's fit). Runs at
-        config time, after :meth:`validate`, before any heavy work; raise ConfigError with one line."""
+    def validate_for_model(self, model_cfg: ModelConfig) -> None:
+        """Checks that need the model's shapes (a rank against min(m, n)); run before any heavy work."""
 
 
 @dataclass
@@ -78,10 +77,16 @@ class Method:
         from lrpretrain.optim import AdamW
 
         return AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
-                     weight_decay=optim_cfg.weight_decay)
+                     weight_decay=optim_cfg.weight_decay, state_bits=optim_cfg.state_bits)
 
-    def recompute_policy(self) -> Any:
-        """The method's own activation-recomputation policy (``trainer.recompute=method``); None: none."""
+    def recompute_policy(self) -> Callable[[nn.Module], None] | None:
+        """The method's own activation recomputation, for ``trainer.recompute=method``.
+
+        A function the trainer applies once to the prepared model (after ``prepare_model``, before
+        any wrapping) to install the method's checkpointing, e.g. CoLA-M's segments whose
+        boundaries are the r-dimensional activations. None: the method has no policy of its own
+        (``trainer.recompute=method`` is then a config error).
+        """
         return None
 
     # -- every optimizer update --------------------------------------------------------------

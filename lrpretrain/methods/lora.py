@@ -47,8 +47,8 @@ class LoRAConfig(TargetsConfig):
         check(self.lora_alpha > 0, "method.lora_alpha", self.lora_alpha, "must be > 0")
         check(0 <= self.lora_dropout < 1, "method.lora_dropout", self.lora_dropout, "must be in [0, 1)")
 
-    def validate_for_model(self, model: ModelConfig) -> None:
-        check_rank_for_model(self.rank, model, list(self.targets))
+    def validate_for_model(self, model_cfg: ModelConfig) -> None:
+        check_rank_for_model(self.rank, model_cfg, list(self.targets))
 
     @property
     def scale(self) -> float:

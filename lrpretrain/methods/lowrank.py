@@ -48,8 +48,8 @@ class LowRankConfig(TargetsConfig):
         check(0 <= self.lora_dropout < 1, "method.lora_dropout", self.lora_dropout, "must be in [0, 1)")
         check(self.init in INITS, "method.init", self.init, f"allowed: {allowed(INITS)}")
 
-    def validate_for_model(self, model: ModelConfig) -> None:
-        check_rank_for_model(self.rank, model, list(self.targets))
+    def validate_for_model(self, model_cfg: ModelConfig) -> None:
+        check_rank_for_model(self.rank, model_cfg, list(self.targets))
 
 
 @torch.no_grad()

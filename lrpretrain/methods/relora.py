@@ -67,10 +67,10 @@ class ReLoRAConfig(LoRAConfig):
         if self.warm_start is not None:
             warm_start_file(self.warm_start)
 
-    def validate_for_model(self, model: ModelConfig) -> None:
-        super().validate_for_model(model)
+    def validate_for_model(self, model_cfg: ModelConfig) -> None:
+        super().validate_for_model(model_cfg)
         if self.warm_start is not None:
-            check_warm_start_fits(self.warm_start, model)
+            check_warm_start_fits(self.warm_start, model_cfg)
 
 
 def warm_start_file(path: str) -> Path:

@@ -66,8 +66,8 @@ class SLTrainConfig(TargetsConfig):
         check(0 < self.delta <= 1, "method.delta", self.delta, "must be in (0, 1]: the density of the sparse support")
         check(self.block_elements > 0, "method.block_elements", self.block_elements, "must be > 0")
 
-    def validate_for_model(self, model: ModelConfig) -> None:
-        check_rank_for_model(self.rank, model, list(self.targets))
+    def validate_for_model(self, model_cfg: ModelConfig) -> None:
+        check_rank_for_model(self.rank, model_cfg, list(self.targets))
 
 
 # -- the op ---------------------------------------------------------------------------------------------

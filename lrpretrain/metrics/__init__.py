@@ -34,6 +34,13 @@ def _fmt_time(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _eval_line(r: dict[str, Any]) -> str:
+    line = f"eval step {r['step']} | val_loss {r['val_loss']:.4f} | val_ppl {r['val_ppl']:.2f}"
+    if "galore_val_ppl" in r:
+        line += f" | galore protocol: val_ppl {r['galore_val_ppl']:.2f} ({r['galore_val_batches']} batches)"
+    return line
+
+
 def rewind_jsonl(path: Path, step: int) -> int:
     """Keep the records with ``step <= step``; move later ones to ``<name>.rewound.jsonl``."""
     if not path.exists():
@@ -133,8 +140,7 @@ class MetricsLogger:
                                           refresh=False)
                 self._bar.refresh()
             if "val_loss" in r:
-                self._bar.write(f"eval step {step} | val_loss {r['val_loss']:.4f} | val_ppl {r['val_ppl']:.2f}",
-                                file=sys.stderr)
+                self._bar.write(_eval_line(r), file=sys.stderr)
             return
         if self.mode != "lines":
             return
@@ -145,8 +151,7 @@ class MetricsLogger:
                   f"{_fmt_count(r.get('tokens_per_s', 0))} tok/s | tokens {_fmt_count(r['tokens'])} | "
                   f"eta {_fmt_time(eta)}", file=sys.stderr, flush=True)
         if "val_loss" in r:
-            print(f"eval step {step} | val_loss {r['val_loss']:.4f} | val_ppl {r['val_ppl']:.2f}",
-                  file=sys.stderr, flush=True)
+            print(_eval_line(r), file=sys.stderr, flush=True)
 
     def summary(self, mean_tokens_per_s: float | None) -> None:
         """One line at the end of a run: tokens, throughput, and validation perplexity first -> last."""

@@ -5,7 +5,13 @@ steps, so the same code serves the global step and the per-layer (in-backward) s
 """
 
 from lrpretrain.optim.adamw import AdamW
+from lrpretrain.optim.apollo import Apollo
 from lrpretrain.optim.base import ParamwiseOptimizer
+from lrpretrain.optim.fira import FiraAdamW
+from lrpretrain.optim.frugal import FrugalAdamW
+from lrpretrain.optim.galore import GaLoreAdamW
 from lrpretrain.optim.schedule import lr_factor
+from lrpretrain.optim.subspace import SubspaceAdam
 
-__all__ = ["AdamW", "ParamwiseOptimizer", "lr_factor"]
+__all__ = ["AdamW", "Apollo", "FiraAdamW", "FrugalAdamW", "GaLoreAdamW", "ParamwiseOptimizer", "SubspaceAdam",
+           "lr_factor"]

@@ -1,10 +1,14 @@
-"""AdamW as a per-parameter step.
+"""AdamW as a per-parameter step, with fp32 or blockwise 8-bit moments.
 
 The arithmetic is that of ``torch.optim.AdamW(foreach=False)`` (decoupled weight decay, bias
-correction folded into the step size and the denominator), operation for operation, so it matches
-PyTorch's single-tensor implementation bit for bit (tests/test_optim.py). State per parameter:
-``step`` (a 0-d float32 tensor, as in PyTorch), ``exp_avg`` (m) and ``exp_avg_sq`` (v), all plain
-tensors, so checkpoints load with ``torch.load(weights_only=True)``.
+correction folded into the step size and the denominator), operation for operation, so with fp32
+moments it matches PyTorch's single-tensor implementation bit for bit (tests/test_optim.py). State per
+parameter: ``step`` (a 0-d float32 tensor, as in PyTorch), ``exp_avg`` (m) and ``exp_avg_sq`` (v), all
+plain tensors, so checkpoints load with ``torch.load(weights_only=True)``.
+
+``state_bits=8`` (``optim.state_bits=8``) stores m and v of every tensor with at least 4096 entries as
+blockwise 8-bit codes (:mod:`lrpretrain.optim.quant8`, bitsandbytes' format: 8-bit Adam); each step
+dequantises them, runs the same arithmetic in fp32 and quantises back.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 
 import torch
 
+from lrpretrain.optim import moments, quant8
 from lrpretrain.optim.base import ParamwiseOptimizer
 
 
@@ -21,25 +26,30 @@ class AdamW(ParamwiseOptimizer):
     """AdamW (Loshchilov & Hutter) with PyTorch's defaults and arithmetic."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
-        if lr < 0 or eps <= 0 or not all(0 <= b < 1 for b in betas) or weight_decay < 0:
+                 weight_decay: float = 0.0, state_bits: int = 32):
+        if lr < 0 or eps <= 0 or not all(0 <= b < 1 for b in betas) or weight_decay < 0 or state_bits not in (8, 32):
             raise ValueError(f"invalid AdamW hyperparameters: lr={lr}, betas={betas}, eps={eps}, "
-                             f"weight_decay={weight_decay}")
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+                             f"weight_decay={weight_decay}, state_bits={state_bits}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+                                  "state_bits": state_bits})
 
     def step_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         grad = p.grad
         state = self.state[p]
+        eight_bit = quant8.use_8bit(p.numel(), group["state_bits"])
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if eight_bit:
+                moments.init_moments(state, p, 8)
+            else:
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["step"] += 1
         step = int(state["step"].item())
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         if wd != 0:
             p.mul_(1 - lr * wd)
-        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m, v = moments.load(state)
         m.lerp_(grad, 1 - beta1)
         v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         bias_correction1 = 1 - beta1**step
@@ -47,3 +57,5 @@ class AdamW(ParamwiseOptimizer):
         step_size = lr / bias_correction1
         denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
         p.addcdiv_(m, denom, value=-step_size)
+        if eight_bit:
+            moments.save(state, m, v)

@@ -13,6 +13,7 @@ of the step; the trainer sets ``group["lr"]`` (schedule x method factor) before 
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import chain
 from typing import Any
 
 import torch
@@ -36,6 +37,25 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
                 if p.grad is not None:
                     self.step_param(p, group)
         return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, except that integer state tensors keep their dtype.
+
+        torch.optim.Optimizer casts every state tensor to its parameter's dtype; the 8-bit codes
+        (uint8) and subspace indices (int64) of our optimizers must not become floats.
+        """
+        held, floats = {}, {}
+        for pid, s in state_dict["state"].items():
+            held[pid] = {k: v for k, v in s.items() if isinstance(v, torch.Tensor) and not v.is_floating_point()
+                         and k != "step"}
+            floats[pid] = {k: v for k, v in s.items() if k not in held[pid]}
+        super().load_state_dict({**state_dict, "state": floats})
+        params = dict(zip(chain.from_iterable(g["params"] for g in state_dict["param_groups"]),
+                          chain.from_iterable(g["params"] for g in self.param_groups)))
+        for pid, tensors in held.items():
+            p = params[pid]
+            for k, v in tensors.items():
+                self.state[p][k] = v.to(p.device)
 
     def group_of(self, p: torch.Tensor) -> dict[str, Any]:
         """The param group holding ``p`` (for per-parameter stepping outside :meth:`step`)."""

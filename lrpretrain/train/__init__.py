@@ -55,6 +55,10 @@ def build_trainer(cfg: Config, resolved: DictConfig) -> Trainer:
         logger.info("no validation data (data.val_files is empty or data.val_tokens=0): evaluation is off")
     elif val.short:
         logger.info(f"validation: {val.available_tokens} tokens available, fewer than data.val_tokens={cfg.data.val_tokens}")
+    if val is not None and cfg.eval.protocol == "galore" and val.available_tokens <= cfg.eval.galore_tokens:
+        logger.info(f"warning: eval.protocol=galore evaluates until more than eval.galore_tokens="
+                    f"{cfg.eval.galore_tokens} tokens, but the held-out set has {val.available_tokens} "
+                    f"(data.val_tokens={cfg.data.val_tokens}): its figure covers fewer batches than GaLore's")
 
     if cfg.trainer.precision == "bf16" and device.type == "cpu":
         logger.info("warning: trainer.precision=bf16 on the CPU: without native bf16 matmuls this is far slower "

@@ -23,12 +23,13 @@ from torch import nn
 from lrpretrain.checkpoint import Checkpointer
 from lrpretrain.config import Config
 from lrpretrain.data import TokenStream, ValidationSet
-from lrpretrain.distributed import all_reduce_sum
+from lrpretrain.distributed import all_reduce_sum, world_size
 from lrpretrain.errors import CheckpointError, UserError
 from lrpretrain.methods import Method, StepContext
 from lrpretrain.metrics import MetricsLogger
 from lrpretrain.model import lm_loss
 from lrpretrain.optim import lr_factor
+from lrpretrain.train.evaluate import evaluate
 from lrpretrain.train.rng import rng_state, set_rng_state
 
 
@@ -165,20 +166,12 @@ class Trainer:
         self.logger.info(f"warning: {what}; update skipped (trainer.on_nonfinite=skip)")
 
     # -- evaluation ------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Token-weighted loss and perplexity on the fixed validation set."""
+        """Validation metrics on the fixed held-out set (see :mod:`lrpretrain.train.evaluate`)."""
         assert self.val is not None
         self.model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for ids, labels in self.val.batches(self.tcfg.eval_batch_size or self.tcfg.micro_batch_size):
-            with self.autocast():
-                logits = self.forward(ids.to(self.device))
-            ls, n = lm_loss(logits, labels.to(self.device))
-            total += torch.stack([ls.double(), n.double()])
-        loss_sum, n = all_reduce_sum(total).tolist()
-        val_loss = loss_sum / max(n, 1)
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0)), "val_tokens": int(n)}
+        return evaluate(self.forward, self.val, self.tcfg.eval_batch_size or self.tcfg.micro_batch_size,
+                        self.cfg.eval, self.device, self.autocast, world_size())
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
