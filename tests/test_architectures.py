@@ -301,12 +301,30 @@ def test_bad_values_are_one_line(cli, tmp_path, args, expected):
 @pytest.mark.skipif("recompute" not in {f.name for f in fields(TrainerConfig)},
                     reason="trainer.recompute is not in this trainer yet")
 @pytest.mark.parametrize("name", ["cola", "crnet"])
-def test_trainer_recompute_method_uses_the_plugins_policy(cli, tmp_path, name):
+def test_trainer_recompute_method_applies_the_plugins_policy(cli, tmp_path, monkeypatch, name):
+    """trainer.recompute=method installs the plugin's policy once on the prepared model; the losses
+    are those of the run without recomputation."""
     common = [*TINY, ONE, *RUN[name], "model.n_layers=3", "optim.lr=0.005", "trainer.max_steps=4",
               "trainer.ckpt_every=0"]
     a, b = tmp_path / "a", tmp_path / "b"
     assert cli("train", *common, f"run.dir={a}").code == 0
+    plugin, applied = get_method(name), []
+    policy = plugin.recompute_policy
+
+    def recording(self):
+        install = policy(self)
+
+        def apply(model):
+            install(model)
+            applied.append(model)
+
+        return apply
+
+    monkeypatch.setattr(plugin, "recompute_policy", recording)
     r = cli("train", *common, f"run.dir={b}", "trainer.recompute=method")
     assert r.code == 0, r.err
+    assert len(applied) == 1
+    model = applied[0]
+    assert all(block.recompute for block in model.layers) if name == "cola" else model.recompute_group == 1
     la, lb = losses(a), losses(b)
     assert la.keys() == lb.keys() and all(math.isclose(la[k], lb[k], rel_tol=1e-6) for k in la)
