@@ -16,6 +16,7 @@ before any memory is allocated.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +97,11 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    # Activation recomputation (lrpretrain/train/recompute.py) sets this to a function
+    # ``checkpoint_fn(block, x, cos, sin)`` that runs the block under torch.utils.checkpoint.
+    # A plain attribute, not a module: it adds no state_dict key.
+    checkpoint_fn: Callable[..., torch.Tensor] | None = None
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -128,7 +134,7 @@ class LLaMA(nn.Module):
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin) if layer.checkpoint_fn is None else layer.checkpoint_fn(layer, x, cos, sin)
         return self.lm_head(self.norm(x))
 
     @torch.no_grad()
