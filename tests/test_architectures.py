@@ -8,14 +8,13 @@ import math
 import os
 import re
 import signal
-from dataclasses import fields
 
 import pytest
 import torch
 import torch.nn.functional as F
 from test_errors import one_line
 
-from lrpretrain.config import TrainerConfig, load_config
+from lrpretrain.config import load_config
 from lrpretrain.errors import UserError
 from lrpretrain.methods import get_method
 from lrpretrain.methods.cola import CoLABlock, CoLALinear, cola_m_saved_bytes
@@ -298,8 +297,6 @@ def test_bad_values_are_one_line(cli, tmp_path, args, expected):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.skipif("recompute" not in {f.name for f in fields(TrainerConfig)},
-                    reason="trainer.recompute is not in this trainer yet")
 @pytest.mark.parametrize("name", ["cola", "crnet"])
 def test_trainer_recompute_method_applies_the_plugins_policy(cli, tmp_path, monkeypatch, name):
     """trainer.recompute=method installs the plugin's policy once on the prepared model; the losses
@@ -328,3 +325,18 @@ def test_trainer_recompute_method_applies_the_plugins_policy(cli, tmp_path, monk
     assert all(block.recompute for block in model.layers) if name == "cola" else model.recompute_group == 1
     la, lb = losses(a), losses(b)
     assert la.keys() == lb.keys() and all(math.isclose(la[k], lb[k], rel_tol=1e-6) for k in la)
+
+
+def test_generic_block_recompute_on_cola_and_a_clear_refusal_for_crnet(cli, tmp_path):
+    """CoLA's blocks take trainer.recompute=full like LLaMA's (same losses); CR-Net's blocks carry
+    the previous layer's outputs, so block-level recompute is refused in one line (its own policy
+    is trainer.recompute=method)."""
+    common = [*TINY, ONE, "model.n_layers=3", "optim.lr=0.005", "trainer.max_steps=3", "trainer.ckpt_every=0"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli("train", *common, *RUN["cola"], f"run.dir={a}").code == 0
+    r = cli("train", *common, *RUN["cola"], f"run.dir={b}", "trainer.recompute=full")
+    assert r.code == 0, r.err
+    la, lb = losses(a), losses(b)
+    assert la.keys() == lb.keys() and all(math.isclose(la[k], lb[k], rel_tol=1e-6) for k in la)
+    r = cli("train", *common, *RUN["crnet"], f"run.dir={tmp_path / 'c'}", "trainer.recompute=full")
+    assert r.code == 2 and "trainer.recompute=full" in r.error_lines[0], r.err

@@ -122,6 +122,9 @@ class CoLABlock(nn.Module):
     ``method.targets``) has no bottleneck: its boundary is its input, which is then what is kept.
     """
 
+    # LLaMA's forward loop runs it under trainer.recompute=full|selective like any Block
+    checkpoint_fn = Block.checkpoint_fn
+
     def __init__(self, block: Block, swiglu: bool = True):
         super().__init__()
         self.attn_norm, self.attn, self.mlp_norm, self.mlp = block.attn_norm, block.attn, block.mlp_norm, block.mlp
