@@ -111,6 +111,10 @@ class OptimConfig:
         check(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
 
 
+RECOMPUTE = ("none", "full", "selective", "method")
+PER_LAYER_CLIP = ("global", "param")
+
+
 @dataclass
 class TrainerConfig:
     max_steps: int = 100  # optimizer updates
@@ -130,6 +134,10 @@ class TrainerConfig:
     threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
     on_nonfinite: str = "skip"  # skip the update | stop the run
     max_nonfinite: int = 10  # consecutive skipped updates before stopping anyway
+    recompute: str = "none"  # activation recomputation: none | full | selective | method (lrpretrain/train/recompute.py)
+    recompute_every: int = 1  # full/selective: checkpoint decoder blocks 0, k, 2k, ... (1: every block)
+    per_layer_update: bool = False  # step each parameter inside the backward, free its gradient at once
+    per_layer_clip: str = "global"  # global: exact global-norm clip (a second backward) | param: per parameter
 
     def validate(self) -> None:
         for f in ("max_steps", "batch_size", "micro_batch_size", "keep_last", "log_every"):
@@ -142,6 +150,10 @@ class TrainerConfig:
         _one_of("trainer.device", self.device, ("auto", "cpu", "cuda"))
         _one_of("trainer.on_nonfinite", self.on_nonfinite, ("skip", "stop"))
         check(self.max_nonfinite > 0, "trainer.max_nonfinite", self.max_nonfinite, "must be > 0")
+        _one_of("trainer.recompute", self.recompute, RECOMPUTE)
+        check(self.recompute_every >= 1, "trainer.recompute_every", self.recompute_every,
+              "must be >= 1 (1 checkpoints every block, k every k-th)")
+        _one_of("trainer.per_layer_clip", self.per_layer_clip, PER_LAYER_CLIP)
 
 
 @dataclass
@@ -370,6 +382,15 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
     check(t.batch_size % per_step == 0, "trainer.batch_size", t.batch_size,
           f"must be a multiple of trainer.micro_batch_size x world_size = {t.micro_batch_size} x {world_size}")
     check(cfg.trainer.device != "cuda" or _cuda_available(), "trainer.device", "cuda", "no CUDA device is available")
+    check(not t.per_layer_update or world_size == 1, "trainer.per_layer_update", True,
+          f"per-layer updates need the whole gradient on one process, and there are {world_size} (under DDP the "
+          "gradient hooks fire before the all-reduce); use trainer.per_layer_update=false")
+    if t.recompute == "method":
+        from lrpretrain.methods import get_method
+
+        has_policy = get_method(cfg.method.name)(cfg.method, cfg.model).recompute_policy() is not None
+        check(has_policy, "trainer.recompute", t.recompute,
+              f"method '{cfg.method.name}' has no recompute policy of its own; allowed: none, full, selective")
 
 
 def _cuda_available() -> bool:

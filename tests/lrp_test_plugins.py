@@ -89,3 +89,57 @@ class Fault(Method):
 
     def load_state_dict(self, state):
         self.update = state["update"]
+
+
+@dataclass
+class GradFaultConfig(MethodConfig):
+    grad_nan_at: list[int] = field(default_factory=list)  # updates (1-based) whose q_proj gradient of block 0 is NaN
+    signal_at: int = 0  # after this update, send SIGUSR1 to this process (pre-emption)
+
+
+@register_method("test_grad_fault")
+class GradFault(Fault):
+    """Full-rank training whose loss stays finite while one gradient turns NaN (a backward overflow)."""
+
+    Config = GradFaultConfig
+
+    def prepare_model(self, model):
+        def poison(grad):
+            return grad * float("nan") if self.update in self.cfg.grad_nan_at else grad
+
+        model.layers[0].attn.q_proj.weight.register_hook(poison)
+        return model
+
+
+@register_method("test_recompute")
+class OwnRecompute(Method):
+    """Full-rank training with its own recompute policy: checkpoint every block, counting the calls."""
+
+    calls: ClassVar[list[str]] = []
+
+    def recompute_policy(self):
+        import torch
+
+        from lrpretrain.train.recompute import checkpoint_block
+
+        def run(block, *args):
+            if torch.is_grad_enabled():  # training forwards (evaluation runs the blocks plainly)
+                self.calls.append("checkpoint")
+            return checkpoint_block(block, *args)
+
+        def apply(model):
+            self.calls.append("apply")
+            for block in model.layers:
+                block.checkpoint_fn = run
+
+        return apply
+
+
+@register_method("test_sgd")
+class PlainSGD(Method):
+    """A third-party-style plugin whose optimizer is a plain torch optimizer (no step_param)."""
+
+    def build_optimizer(self, groups, optim_cfg):
+        import torch
+
+        return torch.optim.SGD(groups, lr=optim_cfg.lr)

@@ -15,6 +15,9 @@
 - :func:`seeded_generator`: a method's own RNG, derived from the run's seed (saved in checkpoints).
 - :func:`parameter_counts` and :func:`reset_optimizer_state` (full, magnitude or random pruning of
   the optimizer's moments, as ReLoRA's restarts and SST's swaps need).
+- :func:`decoder_cost`: exact parameters and FLOPs per token of a reparameterized decoder.
+- :func:`saved_activation_bytes`: the bytes autograd holds for backward after a forward, the measure
+  of every activation-recomputation policy (CoLA-M, CR-Net).
 
 Shapes follow ``nn.Linear``: a weight is (out_features, in_features) = (m, n); ``A`` is (r, n) and
 ``B`` is (m, r), so ``y = x W^T`` becomes ``y = (x A^T) B^T``.
@@ -23,8 +26,8 @@ Shapes follow ``nn.Linear``: a weight is (out_features, in_features) = (m, n); `
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -257,6 +260,50 @@ def reparameterized_cost(model_cfg: ModelConfig, seq_len: int, targets: list[str
         trainable += model_cfg.n_layers * (t - dt)
         flops += model_cfg.n_layers * (f - df)
     return {"params": params, "trainable_params": trainable, "flops_per_token": flops}
+
+
+def decoder_cost(model_cfg: ModelConfig, seq_len: int, layer_matmul: Sequence[int],
+                 layer_other: Sequence[int] = ()) -> dict[str, float]:
+    """Exact parameters and training FLOPs per token of a LLaMA whose decoder layer i holds
+    ``layer_matmul[i]`` matmul-weight entries (and ``layer_other[i]`` other entries, e.g. CR-Net's β),
+    everything trained; embeddings, LM head and norms as in the plain model.
+
+    FLOPs follow :meth:`~lrpretrain.methods.base.Method.cost`: a weight entry costs 2 FLOPs per token
+    forward and 4 backward (6N over the matmul weights, LM head included), plus the causal attention
+    scores. Elementwise work (norms, SiLU, SwiGLU, CR-Net's β·Y) is not counted, as for every method;
+    unlike the base (6 x all non-embedding parameters) the norm weights are not counted as matmuls.
+    """
+    d, V, L = model_cfg.dim, model_cfg.vocab_size, model_cfg.n_layers
+    if len(layer_matmul) != L:
+        raise ValueError(f"layer_matmul has {len(layer_matmul)} entries for {L} layers")
+    embeddings = V * d * (1 if model_cfg.tie_embeddings else 2)
+    params = embeddings + d * (2 * L + 1) + sum(layer_matmul) + sum(layer_other)
+    attention = 12 * L * d * seq_len / 2  # QKᵀ and AV, halved by the causal mask (as llama.flops_per_token)
+    return {"params": float(params), "trainable_params": float(params),
+            "flops_per_token": 6.0 * (sum(layer_matmul) + V * d) + attention}
+
+
+def saved_activation_bytes(model: nn.Module, forward: Callable[[], Any]) -> tuple[Any, int]:
+    """Run ``forward()`` and return (its result, bytes of the activations autograd saved for backward).
+
+    Every tensor an op saves passes through ``saved_tensors_hooks``; a storage counts once however
+    many ops (or views) save it, which is what memory holds. Parameters and buffers of ``model``
+    (weights saved by matmuls, RoPE tables) are not activations and are left out. Inside a
+    ``torch.utils.checkpoint`` region only the region's inputs are saved, so this measures a
+    recomputation policy exactly. Keep the result alive to keep the graph (and the bytes) alive.
+    """
+    static = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    held: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in static:
+            held[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    return out, sum(held.values())
 
 
 # -- optimizer state ------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ before any memory is allocated.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -69,13 +70,19 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        return self.o_proj(self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> torch.Tensor:
+        """Causal attention of projected q, k, v (B, T, C): RoPE, softmax, heads merged; before o_proj.
+        (Blocks that rewire the projections, CoLA-M's segments and CR-Net, call it directly.)"""
+        B, T, C = q.shape
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+        return y.transpose(1, 2).reshape(B, T, C)
 
 
 class MLP(nn.Module):
@@ -90,6 +97,11 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    # Activation recomputation (lrpretrain/train/recompute.py) sets this to a function
+    # ``checkpoint_fn(block, x, cos, sin)`` that runs the block under torch.utils.checkpoint.
+    # A plain attribute, not a module: it adds no state_dict key.
+    checkpoint_fn: Callable[..., torch.Tensor] | None = None
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -122,7 +134,7 @@ class LLaMA(nn.Module):
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin) if layer.checkpoint_fn is None else layer.checkpoint_fn(layer, x, cos, sin)
         return self.lm_head(self.norm(x))
 
     @torch.no_grad()

@@ -58,9 +58,16 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
                 self.state[p][k] = v.to(p.device)
 
     def group_of(self, p: torch.Tensor) -> dict[str, Any]:
-        """The param group holding ``p`` (for per-parameter stepping outside :meth:`step`)."""
-        index = getattr(self, "_group_index", None)
-        if index is None or len(index) != sum(len(g["params"]) for g in self.param_groups):
-            index = {id(q): g for g in self.param_groups for q in g["params"]}
-            self._group_index = index
-        return index[id(p)]
+        """The param group holding ``p`` (for per-parameter stepping outside :meth:`step`).
+
+        Cached, and rebuilt when the groups change: :meth:`add_param_group` adds entries, and
+        :meth:`load_state_dict` replaces every group dict (a stale index would hand out the old
+        groups, whose ``lr`` the trainer no longer sets).
+        """
+        key = (id(self.param_groups), tuple(id(g) for g in self.param_groups),
+               sum(len(g["params"]) for g in self.param_groups))
+        cached = getattr(self, "_group_index", None)
+        if cached is None or cached[0] != key:
+            cached = (key, {id(q): g for g in self.param_groups for q in g["params"]})
+            self._group_index = cached
+        return cached[1][id(p)]

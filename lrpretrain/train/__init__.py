@@ -16,6 +16,8 @@ from lrpretrain.errors import ConfigError
 from lrpretrain.methods import get_method
 from lrpretrain.metrics import MetricsLogger
 from lrpretrain.model import build_model
+from lrpretrain.train.per_layer import PerLayerUpdate
+from lrpretrain.train.recompute import apply_recompute, graph_is_reusable
 from lrpretrain.train.rng import seed_everything
 from lrpretrain.train.rundir import prepare_run_dir
 from lrpretrain.train.trainer import Trainer, TrainingStopped
@@ -30,7 +32,8 @@ def resolve_device(cfg: Config) -> torch.device:
 
 
 def build_trainer(cfg: Config, resolved: DictConfig) -> Trainer:
-    """Validate what needs the data, prepare the run dir, then build model, method, optimizer, data."""
+    """Validate what needs the data; build data, model, method (recompute, per-layer updates) and
+    optimizer; only then prepare the run dir and the logger."""
     r, w = rank(), world_size()
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
@@ -44,6 +47,17 @@ def build_trainer(cfg: Config, resolved: DictConfig) -> Trainer:
                           "vocab_size covers it")
     data = TokenStream(cfg.data, tokenizer, cfg.trainer.micro_batch_size, r, w, vocab_size=cfg.model.vocab_size)
     val = ValidationSet(cfg.data, tokenizer, r, w) if cfg.data.val_tokens > 0 and _has_validation(cfg) else None
+
+    # Model, method and optimizer before the run directory: a combination they refuse leaves nothing behind.
+    plugin = get_method(cfg.method.name)(cfg.method, cfg.model)
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model, device)
+    model = plugin.prepare_model(model)
+    apply_recompute(model, cfg.trainer.recompute, cfg.trainer.recompute_every, plugin)
+    optimizer = plugin.build_optimizer(plugin.param_groups(model, cfg.optim), cfg.optim)
+    accum = cfg.trainer.batch_size // (cfg.trainer.micro_batch_size * w)
+    per_layer = PerLayerUpdate(model, optimizer, cfg.trainer.per_layer_clip, cfg.optim.grad_clip, accum,
+                               graph_is_reusable(cfg.trainer.recompute)) if cfg.trainer.per_layer_update else None
 
     logs: list[str] = []
     if r == 0:
@@ -63,20 +77,20 @@ def build_trainer(cfg: Config, resolved: DictConfig) -> Trainer:
     if cfg.trainer.precision == "bf16" and device.type == "cpu":
         logger.info("warning: trainer.precision=bf16 on the CPU: without native bf16 matmuls this is far slower "
                     "than fp32 (29x on the CPU in benchmarks/results/README.md)")
-    plugin = get_method(cfg.method.name)(cfg.method, cfg.model)
-    seed_everything(cfg.seed)
-    model = build_model(cfg.model, device)
-    model = plugin.prepare_model(model)
-    optimizer = plugin.build_optimizer(plugin.param_groups(model, cfg.optim), cfg.optim)
-    accum = cfg.trainer.batch_size // (cfg.trainer.micro_batch_size * w)
     cost = plugin.cost(cfg.model, cfg.data.seq_len)
     trainer = Trainer(cfg, resolved, model, plugin, optimizer, data, val, run_dir, logger, device, accum,
-                      flops_per_token=cost["flops_per_token"])
+                      flops_per_token=cost["flops_per_token"], per_layer=per_layer)
     n_params, n_train = sum(p.numel() for p in model.parameters()), plugin.trainable_parameters(model)
     logger.info(f"run {run_dir} | model {cfg.model.name} ({n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable) | "
                 f"method {cfg.method.name} | data {cfg.data.name} ({cfg.data.mode}, seq {cfg.data.seq_len}) | "
                 f"{cfg.trainer.batch_size} seq/update = {accum} x {cfg.trainer.micro_batch_size} x {w} | "
                 f"device {device} | {trainer.precision}")
+    if cfg.trainer.recompute != "none":
+        k = cfg.trainer.recompute_every
+        which = "" if cfg.trainer.recompute == "method" else " (every block)" if k == 1 else f" (blocks 0, {k}, {2 * k}, ...)"
+        logger.info(f"activation recomputation: {cfg.trainer.recompute}{which}")
+    if per_layer is not None:
+        logger.info(per_layer.describe())
     return trainer
 
 

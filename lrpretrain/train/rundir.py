@@ -22,8 +22,8 @@ from lrpretrain.errors import ConfigError
 OPERATIONAL = (
     "trainer.resume", "trainer.max_steps", "trainer.eval_every", "trainer.eval_at_start", "trainer.ckpt_every",
     "trainer.keep_last", "trainer.ckpt_checksum", "trainer.log_every", "trainer.threads", "trainer.compile",
-    "trainer.eval_batch_size", "trainer.on_nonfinite", "trainer.max_nonfinite", "eval", "logging", "run.overwrite",
-    "run.name",
+    "trainer.eval_batch_size", "trainer.on_nonfinite", "trainer.max_nonfinite", "trainer.recompute",
+    "trainer.recompute_every", "eval", "logging", "run.overwrite", "run.name",
 )
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")
 

@@ -1,9 +1,10 @@
 """The training loop: it wires the built parts together and calls the method's hooks.
 
 It never asks which method is running. One optimizer update (:meth:`Trainer.train_step`) is:
-fetch the step's micro-batches, forward + backward each (loss normalised by the step's target
-tokens, so the update does not depend on how the batch is split), clip, guard against non-finite
-values, set the LR (schedule x method factor), step, ``method.after_step``.
+fetch the step's micro-batches, set the LR (schedule x method factor), forward + backward each (loss
+normalised by the step's target tokens, so the update does not depend on how the batch is split),
+clip, guard against non-finite values, step, ``method.after_step``. With per-layer updates
+(:mod:`lrpretrain.train.per_layer`) the last backward clips, guards and steps each parameter itself.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from lrpretrain.metrics import MetricsLogger
 from lrpretrain.model import lm_loss
 from lrpretrain.optim import lr_factor
 from lrpretrain.train.evaluate import evaluate
+from lrpretrain.train.per_layer import PerLayerUpdate
+from lrpretrain.train.per_layer import grad_norm as total_grad_norm
 from lrpretrain.train.rng import rng_state, set_rng_state
 
 
@@ -51,7 +54,7 @@ class Trainer:
     def __init__(self, cfg: Config, resolved: DictConfig, model: nn.Module, method: Method,
                  optimizer: torch.optim.Optimizer, data: TokenStream, val: ValidationSet | None,
                  run_dir: Path, logger: MetricsLogger, device: torch.device, accum_steps: int,
-                 flops_per_token: float = 0.0):
+                 flops_per_token: float = 0.0, per_layer: PerLayerUpdate | None = None):
         self.cfg, self.tcfg = cfg, cfg.trainer
         self.resolved = resolved
         self.model = model
@@ -65,6 +68,7 @@ class Trainer:
         self.logger = logger
         self.device = device
         self.accum_steps = accum_steps
+        self.per_layer = per_layer  # in-backward updates (trainer.per_layer_update), or None: the global step
         self.flops_per_token = flops_per_token
         self.state = TrainState()
         self.ckpt = Checkpointer(run_dir, cfg.trainer.keep_last, cfg.trainer.ckpt_checksum)
@@ -119,45 +123,63 @@ class Trainer:
         batches = [next(self.data) for _ in range(self.accum_steps)]
         targets = all_reduce_sum(torch.tensor(sum(int((b.labels[:, 1:] != -100).sum()) for b in batches),
                                               dtype=torch.float64, device=self.device))
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for b in batches:
-            with self.autocast():
-                logits = self.forward(b.input_ids.to(self.device, non_blocking=True))
-            ls, _ = lm_loss(logits, b.labels.to(self.device, non_blocking=True))
-            (ls / targets).backward()
-            loss_sum += ls.detach()
-        loss = float(all_reduce_sum(loss_sum) / targets)
-
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if self.cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optim.grad_clip, grad_norm)
-        grad_norm = float(grad_norm)
-
         step = self.state.step
         factor = lr_factor(step, self.cfg.optim, self.tcfg.max_steps) * self.method.lr_factor(step)
-        for group in self.optimizer.param_groups:
+        for group in self.optimizer.param_groups:  # before any backward: per-layer updates step inside one
             group["lr"] = group["initial_lr"] * factor
-        record: dict[str, Any] = {"loss": loss, "grad_norm": grad_norm, "lr": self.cfg.optim.lr * factor}
 
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            self.optimizer.step()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, b in enumerate(batches):
+            ls = self._loss(b)
+            loss_sum += ls.detach()
+            if i + 1 < len(batches):  # the last backward waits until the update's loss is known
+                (ls / targets).backward()
+        loss = float(all_reduce_sum(loss_sum) / targets)
+
+        if self.per_layer is not None and self.per_layer.in_backward:
+            # clip, guard and step each parameter inside this backward (lrpretrain/train/per_layer.py)
+            again = lambda: self._loss(batches[-1]) / targets  # noqa: E731  (pass 2 of the exact global clip)
+            out = self.per_layer.backward(ls / targets, math.isfinite(loss), again)
+            grad_norm, applied, stepped = out.grad_norm, out.applied, out.stepped
+        else:
+            (ls / targets).backward()
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            norm = total_grad_norm([p.grad for p in params])
+            if self.cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optim.grad_clip, norm)
+            grad_norm, stepped = float(norm), 0
+            applied = math.isfinite(loss) and math.isfinite(grad_norm)
+            if applied:
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        record: dict[str, Any] = {"loss": loss, "grad_norm": grad_norm, "lr": self.cfg.optim.lr * factor}
+        if applied:
             self.state.consecutive_nonfinite = 0
         else:
-            self._nonfinite(step, loss, grad_norm)
+            self._nonfinite(step, loss, grad_norm, stepped)
             record["skipped"] = True
-        self.optimizer.zero_grad(set_to_none=True)
+            if stepped:
+                record["partial_update"] = stepped
         self.state.step += 1
         self.state.tokens += int(all_reduce_sum(torch.tensor(sum(b.tokens for b in batches), device=self.device)))
         self.method.after_step(StepContext(self.state.step, self.model, self.optimizer, record["lr"], loss,
                                            record.update))
         return record
 
-    def _nonfinite(self, step: int, loss: float, grad_norm: float) -> None:
+    def _loss(self, b) -> torch.Tensor:
+        """Forward one micro-batch: the summed loss over its target tokens."""
+        with self.autocast():
+            logits = self.forward(b.input_ids.to(self.device, non_blocking=True))
+        return lm_loss(logits, b.labels.to(self.device, non_blocking=True))[0]
+
+    def _nonfinite(self, step: int, loss: float, grad_norm: float, stepped: int = 0) -> None:
         self.state.nonfinite += 1
         self.state.consecutive_nonfinite += 1
         what = f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at update {step + 1} " \
                f"(loss {loss}, grad norm {grad_norm})"
+        if stepped:
+            what += (f"; {stepped} parameters had already stepped inside the backward before it was seen "
+                     "(trainer.per_layer_clip=param)")
         if self.tcfg.on_nonfinite == "stop":
             raise TrainingStopped(f"{what}; stopping (trainer.on_nonfinite=stop)")
         if self.state.consecutive_nonfinite >= self.tcfg.max_nonfinite:
