@@ -10,7 +10,8 @@
   PeriodicLoRA and SwitchLoRA; :class:`LowRankLinear` (W = B·A).
 - :func:`check_rank`: one clear error for a rank outside [1, min(m, n)].
 - :func:`parameter_counts` and :func:`reset_optimizer_state` (full, magnitude or random pruning of
-  the optimizer's moments, as ReLoRA's restarts and SST's swaps need).
+  the optimizer's moments, as ReLoRA's restarts need); :func:`restart_optimizer_state` (forget a
+  parameter's whole state, step counter included, as SST's swapped vectors need).
 - :func:`decoder_cost`: exact parameters and FLOPs per token of a reparameterized decoder.
 - :func:`saved_activation_bytes`: the bytes autograd holds for backward after a forward, the measure
   of every activation-recomputation policy (CoLA-M, CR-Net).
@@ -282,3 +283,9 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[tor
             zeroed += int(mask.sum())
             seen += t.numel()
     return zeroed, seen
+
+
+def restart_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> int:
+    """Forget the optimizer's whole state of ``params`` (moments and step counter): the next update
+    starts them as new parameters, bias correction included. Returns how many had state."""
+    return sum(optimizer.state.pop(p, None) is not None for p in params)
