@@ -214,7 +214,7 @@ def test_cost_matches_the_prepared_model():
     assert cost["params"] == counts["total"] and cost["trainable_params"] == counts["trainable"]
     base = Method.cost(method, cfg.model, 64)
     shapes = [(m.out_features, m.in_features) for _, m in method.layers]
-    per_token = sum(4 * min(a, b) * (a + b) + 6 * 8 * (a + b) - 6 * a * b for a, b in shapes)
+    per_token = sum(4 * min(a, b) * (a + b) + 2 * 8 * (a + b) - 6 * a * b for a, b in shapes)
     assert cost["flops_per_token"] == base["flops_per_token"] + per_token
 
 

@@ -19,7 +19,9 @@ through one autograd function that saves only x and V^T x and computes the gradi
 r sampled pairs directly (:class:`_SparseSpectralLinear`). U and V are frozen parameters (they count
 as parameters and are saved with the model; they move with it); the sampled columns are trained
 copies, ``U_sampled`` (m×r) and ``V_sampled`` (n×r), gathered at a round's start and written back at
-its end. Training FLOPs per token per layer: 4k(m+n) + 6r(m+n) (vs 6mn dense).
+its end; each forward/backward splices them into a transient copy of U and V (the same transient an
+autocast cast of a weight makes). Training FLOPs per token per layer: 4k(m+n) + 2r(m+n) (vs 6mn
+dense): with k = min(m, n) that is 2x a square dense layer, ~1.4x an MLP projection.
 
 Where the paper is not explicit (its full text and code were not retrievable here), the choices are:
 - one round = ``round_steps`` updates (default 200); the re-SVD happens at a round's end, every
@@ -83,41 +85,44 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+def _effective(basis: torch.Tensor, sampled: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The basis with its sampled columns replaced by their trained copies: a transient copy the size of
+    the basis (under autocast the cast to ``dtype`` makes one anyway, as for any Linear's weight)."""
+    return basis.to(dtype).index_copy(1, index, sampled.to(dtype))
+
+
 class _SparseSpectralLinear(torch.autograd.Function):
     """y = U_eff diag(σ) V_eff^T x, where U_eff, V_eff are U, V with the columns ``index`` replaced by
-    the trained ``U_s``, ``V_s``. Gradients: x, σ, U_s, V_s (enhanced or plain); none for U, V."""
+    the trained ``U_s``, ``V_s``. Gradients: x, σ, U_s, V_s (enhanced or plain); none for U, V.
+    Saved for backward: x and V_eff^T x (k per token); U_eff, V_eff are rebuilt, not kept."""
 
     @staticmethod
     def forward(ctx, x, sigma, U_s, V_s, U, V, index, enhanced):
         dt = _compute_dtype(x)  # autocast semantics, spelled out: matmuls in the autocast dtype
         with torch.autocast(x.device.type, enabled=False):
-            xc, s = x.to(dt), sigma.to(dt)
-            t = xc @ V.to(dt)  # V^T x for every k (the sampled columns of V are stale) ...
-            t.index_copy_(-1, index, xc @ V_s.to(dt))  # ... and the sampled ones from their trained copies
-            st = t * s
-            y = st.index_fill(-1, index, 0) @ U.to(dt).T + st[..., index] @ U_s.to(dt).T
-        ctx.save_for_backward(xc, t, sigma, U_s, V_s, U, V, index)
+            x2 = x.reshape(-1, x.shape[-1]).to(dt)  # (tokens, n)
+            t = x2 @ _effective(V, V_s, index, dt)  # V_eff^T x: (tokens, k)
+            y = (t * sigma.to(dt)) @ _effective(U, U_s, index, dt).T
+        ctx.save_for_backward(x2, t, sigma, U_s, V_s, U, V, index)
         ctx.enhanced, ctx.x_dtype = enhanced, x.dtype
-        return y
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        xc, t, sigma, U_s, V_s, U, V, index = ctx.saved_tensors
+        x2, t, sigma, U_s, V_s, U, V, index = ctx.saved_tensors
         dt = t.dtype
         with torch.autocast(dy.device.type, enabled=False):
-            dy, s = dy.to(dt), sigma.to(dt)
-            ds = dy @ U.to(dt)  # U^T dy, per k ...
-            ds.index_copy_(-1, index, dy @ U_s.to(dt))  # ... with the trained sampled columns
-            dsigma = (ds.float() * t.float()).flatten(0, -2).sum(0)  # ∂L/∂σ_i = Σ (u_i^T dy)(v_i^T x)
-            dt_ = ds * s  # ∂L/∂(V^T x)
-            dx = dt_.index_fill(-1, index, 0) @ V.to(dt).T + dt_[..., index] @ V_s.to(dt).T
-            t_i, ds_i = t[..., index].flatten(0, -2), ds[..., index].flatten(0, -2)
+            dy2, s = dy.reshape(-1, dy.shape[-1]).to(dt), sigma.to(dt)  # (tokens, m)
+            ds = dy2 @ _effective(U, U_s, index, dt)  # U_eff^T dy: (tokens, k)
+            dsigma = (ds.float() * t.float()).sum(0)  # ∂L/∂σ_i = Σ (u_i^T dy)(v_i^T x)
+            dx = (ds * s) @ _effective(V, V_s, index, dt).T
+            t_i, ds_i = t.index_select(1, index), ds.index_select(1, index)
             if not ctx.enhanced:  # plain gradients carry σ_i
                 t_i, ds_i = t_i * s[index], ds_i * s[index]
-            dU_s = dy.flatten(0, -2).T @ t_i  # (m, r)
-            dV_s = xc.flatten(0, -2).T @ ds_i  # (n, r)
-        return (dx.to(ctx.x_dtype), dsigma.to(sigma.dtype), dU_s.to(U_s.dtype), dV_s.to(V_s.dtype),
-                None, None, None, None)
+            dU_s = dy2.T @ t_i  # (m, r)
+            dV_s = x2.T @ ds_i  # (n, r)
+        return (dx.view(*dy.shape[:-1], dx.shape[-1]).to(ctx.x_dtype), dsigma.to(sigma.dtype),
+                dU_s.to(U_s.dtype), dV_s.to(V_s.dtype), None, None, None, None)
 
 
 class SpectralLinear(Reparameterized):
@@ -227,7 +232,7 @@ class SST(Method):
         self.generator.set_state(state["generator"])
 
     def cost(self, model_cfg, seq_len: int) -> dict[str, float]:
-        """Parameters include the frozen U, V; per target 4k(m+n) + 6r(m+n) training FLOPs per token."""
+        """Parameters include the frozen U, V; per target 4k(m+n) + 2r(m+n) training FLOPs per token."""
         base = super().cost(model_cfg, seq_len)
         shapes = list(target_shapes(model_cfg, list(self.cfg.targets)).values()) * model_cfg.n_layers
         r = self.cfg.rank
@@ -237,4 +242,4 @@ class SST(Method):
         sampled = sum(r * (m + n) for m, n in shapes)
         return {"params": base["params"] - dense + bases + spectrum + sampled,
                 "trainable_params": base["trainable_params"] - dense + spectrum + sampled,
-                "flops_per_token": base["flops_per_token"] - 6 * dense + 4 * bases + 6 * sampled}
+                "flops_per_token": base["flops_per_token"] - 6 * dense + 4 * bases + 2 * sampled}
