@@ -14,7 +14,8 @@
   model whose targets are replaced, from a per-target cost (each method's ``cost()``).
 - :func:`seeded_generator`: a method's own RNG, derived from the run's seed (saved in checkpoints).
 - :func:`parameter_counts` and :func:`reset_optimizer_state` (full, magnitude or random pruning of
-  the optimizer's moments, as ReLoRA's restarts and SST's swaps need).
+  the optimizer's moments, as ReLoRA's restarts need); :func:`restart_optimizer_state` (forget a
+  parameter's whole state, step counter included, as SST's swapped vectors need).
 - :func:`decoder_cost`: exact parameters and FLOPs per token of a reparameterized decoder.
 - :func:`saved_activation_bytes`: the bytes autograd holds for backward after a forward, the measure
   of every activation-recomputation policy (CoLA-M, CR-Net).
@@ -352,3 +353,9 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[tor
         if reset_step and isinstance(step, torch.Tensor):
             step.zero_()
     return zeroed, seen
+
+
+def restart_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> int:
+    """Forget the optimizer's whole state of ``params`` (moments and step counter): the next update
+    starts them as new parameters, bias correction included. Returns how many had state."""
+    return sum(optimizer.state.pop(p, None) is not None for p in params)

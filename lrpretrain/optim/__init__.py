@@ -12,6 +12,7 @@ from lrpretrain.optim.frugal import FrugalAdamW
 from lrpretrain.optim.galore import GaLoreAdamW
 from lrpretrain.optim.schedule import lr_factor
 from lrpretrain.optim.subspace import SubspaceAdam
+from lrpretrain.optim.vectorwise import VectorwiseAdamW
 
 __all__ = ["AdamW", "Apollo", "FiraAdamW", "FrugalAdamW", "GaLoreAdamW", "ParamwiseOptimizer", "SubspaceAdam",
-           "lr_factor"]
+           "VectorwiseAdamW", "lr_factor"]

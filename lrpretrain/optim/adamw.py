@@ -46,16 +46,29 @@ class AdamW(ParamwiseOptimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["step"] += 1
         step = int(state["step"].item())
-        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        if wd != 0:
-            p.mul_(1 - lr * wd)
+        beta1, beta2 = group["betas"]
         m, v = moments.load(state)
-        m.lerp_(grad, 1 - beta1)
-        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias_correction1 = 1 - beta1**step
-        bias_correction2_sqrt = math.sqrt(1 - beta2**step)
-        step_size = lr / bias_correction1
-        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-        p.addcdiv_(m, denom, value=-step_size)
+        adamw_update_(p, grad, m, v, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                      1 - beta1**step, math.sqrt(1 - beta2**step))
         if eight_bit:
             moments.save(state, m, v)
+
+
+def adamw_update_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, lr: float,
+                  beta1: float, beta2: float, eps: float, weight_decay: float,
+                  bias_correction1: float | torch.Tensor, bias_correction2_sqrt: float | torch.Tensor) -> None:
+    """One AdamW update of ``p`` in place, in the operation order of ``torch.optim.AdamW(foreach=False)``.
+
+    The bias corrections are floats (one step counter per tensor) or tensors that broadcast against
+    ``p`` (one counter per row or column, see :class:`~lrpretrain.optim.VectorwiseAdamW`).
+    """
+    if weight_decay != 0:
+        p.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    step_size = lr / bias_correction1
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    if isinstance(step_size, torch.Tensor):
+        p.sub_(exp_avg * step_size / denom)
+    else:
+        p.addcdiv_(exp_avg, denom, value=-step_size)
