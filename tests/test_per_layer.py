@@ -61,6 +61,16 @@ METHODS = {
     "fira": ["method=fira", "method.update_proj_gap=2"],
     "apollo": ["method=apollo", "method.rank=32", "method.update_proj_gap=2"],
     "frugal": ["method=frugal", "method.update_proj_gap=2"],
+    # reparameterizations and architectures: AdamW (or SwitchLoRA's vector-wise AdamW) on their factors,
+    # with merges / unloads / switches / rounds inside the 4 updates
+    "lowrank": ["method=lowrank", "method.rank=8"],
+    "relora": ["method=relora", "method.rank=8", "method.merge_every=2", "method.restart_warmup_steps=1"],
+    "periodic_lora": ["method=periodic_lora", "method.rank=8", "method.unload_every=2", "method.unload=momentum"],
+    "sltrain": ["method=sltrain", "method.rank=8"],
+    "switchlora": ["method=switchlora", "method.rank=8", "method.interval=2", "method.adam_warm_step=1"],
+    "sst": ["method=sst", "method.rank=8", "method.round_steps=2"],
+    "cola": ["method=cola", "method.rank=8"],
+    "crnet": ["method=crnet", "method.rank=8"],
 }
 
 
