@@ -52,6 +52,18 @@ def cache_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (``pytestmark = pytest.mark.usefixtures("one_thread")``): small
+    matmuls and SVDs run faster so, and immune to OpenMP barrier stalls on a loaded 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def corpus(cache_root) -> Path:
     from lrpretrain.data_recipes import embedded
@@ -87,6 +99,26 @@ def spawn_cli(args: list[str], env: dict[str, str] | None = None, **kw) -> subpr
     full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "lrpretrain.cli.main", *args], env=full_env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def prepare_with_dense(overrides: list[str], seed: int = 0):
+    """(cfg, prepared model, the dense model it was made from, method, optimizer) for unit tests of a
+    reparameterization: both models start from the same seeded initialisation."""
+    import torch
+
+    from lrpretrain.config import load_config
+    from lrpretrain.methods import get_method
+    from lrpretrain.model import build_model
+
+    cfg, _ = load_config(overrides)
+    torch.manual_seed(seed)
+    model = build_model(cfg.model)
+    dense = build_model(cfg.model)
+    dense.load_state_dict(model.state_dict())
+    method = get_method(cfg.method.name)(cfg.method, cfg.model)
+    model = method.prepare_model(model)
+    opt = method.build_optimizer(method.param_groups(model, cfg.optim), cfg.optim)
+    return cfg, model, dense, method, opt
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

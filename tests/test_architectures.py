@@ -27,12 +27,7 @@ from conftest import TINY, losses
 ONE = "trainer.threads=1"  # 2-thread BLAS stalls on this loaded 2-core machine
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def prepared(*overrides: str, seed: int = 0, materialize: bool = True):

@@ -32,13 +32,7 @@ CASES = {
 COMMON = [*TINY, "trainer.max_steps=12", "optim.lr=0.005", "trainer.ckpt_every=100", "trainer.eval_at_start=true"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is faster here, and immune to OpenMP barrier stalls on a loaded 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _method_args(case: str) -> list[str]:

@@ -18,13 +18,7 @@ from lrpretrain.model import build_model
 METHODS = ["lowrank", "lora", "relora", "periodic_lora", "sltrain"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is faster here, and immune to OpenMP barrier stalls on a loaded 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def built(method: str, *overrides: str, model: str = "llama_tiny"):

@@ -20,13 +20,7 @@ from lrpretrain.optim.projector import DCTBasis, dct_basis, next_seed, svd_bases
 SHAPES = [(20, 12), (12, 20)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small SVDs and matmuls: one thread is faster, and immune to OpenMP stalls on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 LR, BETAS, EPS, T, RANK = 0.01, (0.9, 0.999), 1e-6, 3, 4
 
 

@@ -11,8 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-from lrpretrain.config import load_config
-from lrpretrain.methods import get_method
 from lrpretrain.methods.base import Method, StepContext
 from lrpretrain.methods.switchlora import (
     SwitchLoRA,
@@ -26,21 +24,13 @@ from lrpretrain.methods.toolkit import parameter_counts
 from lrpretrain.model import build_model
 from lrpretrain.optim import AdamW, VectorwiseAdamW
 
-from conftest import TINY, losses, read_metrics
+from conftest import TINY, losses, prepare_with_dense, read_metrics
 
 OVERRIDES = ["model=llama_tiny", "method=switchlora", "method.rank=8", "trainer.max_steps=100"]
 
 
 def _setup(*extra: str, seed: int = 0):
-    cfg, _ = load_config([*OVERRIDES, *extra])
-    torch.manual_seed(seed)
-    model = build_model(cfg.model)
-    dense = build_model(cfg.model)
-    dense.load_state_dict(model.state_dict())
-    method = get_method("switchlora")(cfg.method, cfg.model)
-    model = method.prepare_model(model)
-    opt = method.build_optimizer(method.param_groups(model, cfg.optim), cfg.optim)
-    return cfg, model, dense, method, opt
+    return prepare_with_dense([*OVERRIDES, *extra], seed)
 
 
 def _train_step(model, opt, ids):
