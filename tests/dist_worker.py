@@ -2,7 +2,9 @@
 
     torchrun --standalone --nproc_per_node=2 tests/dist_worker.py JOBS.json OUT_DIR
 
-JOBS.json: a list of {"name": ..., "args": [...]}. One process group serves every run (a torchrun
+JOBS.json: a list of {"name": ..., "args": [...]} (a training run) or {"name": ..., "init": [...]}
+(build the model with the strategy from these overrides and compare its full weights on rank 0
+with a single-process build: the result is the largest absolute difference). One process group serves every run (a torchrun
 start costs more than a tiny run). Each rank writes OUT_DIR/rank<R>.json: per job, the exit code
 and the CLI's error lines. ``method=test_kill`` is full-rank training whose rank
 $LRP_TEST_KILL_RANK SIGKILLs itself after update $LRP_TEST_KILL_AT.
@@ -35,6 +37,26 @@ class Kill(Method):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def init_difference(overrides: list[str]) -> float | None:
+    import torch
+
+    from lrpretrain.config import load_config
+    from lrpretrain.distributed.strategy import build_strategy
+    from lrpretrain.methods import get_method
+    from lrpretrain.train import model_builder
+
+    cfg, _ = load_config(overrides)
+    strategy = build_strategy(cfg)
+    strategy.setup(torch.device("cpu"))
+    plugin = get_method(cfg.method.name)(cfg.method, cfg.model)
+    full = strategy.model_state(strategy.build_model(model_builder(cfg, plugin)))
+    if dist.get_rank() != 0:
+        return None
+    ref = model_builder(cfg, get_method(cfg.method.name)(cfg.method, cfg.model))("cpu").state_dict()
+    assert sorted(full) == sorted(ref), (sorted(full), sorted(ref))
+    return max(float((full[k].float() - ref[k].float()).abs().max()) for k in ref)
+
+
 def main() -> None:
     from lrpretrain.cli.main import main as cli
 
@@ -43,6 +65,9 @@ def main() -> None:
     dist.init_process_group("gloo")
     results = {}
     for job in jobs:
+        if "init" in job:
+            results[job["name"]] = {"init_max_diff": init_difference(job["init"])}
+            continue
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
             code = cli(["train", *job["args"]])
