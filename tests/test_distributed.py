@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import dist_worker  # noqa: F401  (registers method=test_kill, which the FSDP2 runs use)
 from conftest import TINY, losses
 
 pytestmark = pytest.mark.slow
@@ -123,6 +124,12 @@ def test_fsdp2_checkpoints_are_sharded_dcp(runs):
     assert meta["model"] == "dcp" and not (ckpt / "model.safetensors").exists()
     assert (ckpt / "dcp" / ".metadata").exists()
     assert sum(1 for f in meta["files"] if f.startswith("dcp/") and f.endswith(".distcp")) == 2  # one per rank
+
+
+def test_generate_reads_a_sharded_checkpoint(runs, cli):
+    r = cli("generate", f"run.dir={runs / 'fsdp2'}", "prompt=To be", "max_new_tokens=4")
+    assert r.code == 0, r.err
+    assert r.out.startswith("To be")
 
 
 def test_refusals_reach_every_rank(runs):
