@@ -7,7 +7,8 @@ JOBS.json: a list of {"name": ..., "args": [...]} (a training run) or {"name": .
 with a single-process build: the result is the largest absolute difference). One process group serves every run (a torchrun
 start costs more than a tiny run). Each rank writes OUT_DIR/rank<R>.json: per job, the exit code
 and the CLI's error lines. ``method=test_kill`` is full-rank training whose rank
-$LRP_TEST_KILL_RANK SIGKILLs itself after update $LRP_TEST_KILL_AT.
+$LRP_TEST_KILL_RANK SIGKILLs itself after update $LRP_TEST_KILL_AT (and rank $LRP_TEST_SIGNAL_RANK
+sends itself SIGUSR1 after update $LRP_TEST_SIGNAL_AT).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class Kill(Method):
         if str(ctx.step) == os.environ.get("LRP_TEST_KILL_AT") and \
                 str(dist.get_rank()) == os.environ.get("LRP_TEST_KILL_RANK", "1"):
             os.kill(os.getpid(), signal.SIGKILL)
+        if str(ctx.step) == os.environ.get("LRP_TEST_SIGNAL_AT") and \
+                str(dist.get_rank()) == os.environ.get("LRP_TEST_SIGNAL_RANK", "1"):
+            os.kill(os.getpid(), signal.SIGUSR1)  # pre-emption seen by this rank only
 
 
 def init_difference(overrides: list[str]) -> float | None:

@@ -160,6 +160,17 @@ def test_fsdp2_sigkill_then_exact_resume(runs, tmp_path):
     assert losses(run) == losses(runs / "fsdp2")  # bit for bit: same world size, same shards
 
 
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_update(tmp_path):
+    """SIGUSR1 reaches rank 1 only, after update 3: both ranks checkpoint step 3 and exit cleanly."""
+    run = tmp_path / "run"
+    jobs = [{"name": "run", "args": [*COMMON, f"run.dir={run}", "distributed=fsdp2", "method=test_kill"]}]
+    proc = torchrun(tmp_path / "a", jobs, env={"LRP_TEST_SIGNAL_AT": "3", "LRP_TEST_SIGNAL_RANK": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [results(tmp_path / "a", r)["run"]["code"] for r in (0, 1)] == [0, 0]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_3"
+    assert max(losses(run)) == 3
+
+
 def test_fsdp2_resumes_on_another_world_size(runs, tmp_path):
     """2 -> 1 process: DCP reshards model and optimizer; the global data position needs no change."""
     run = tmp_path / "run"
