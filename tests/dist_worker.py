@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc_per_node=2 tests/dist_worker.py JOBS.json OUT_DIR
 
-JOBS.json: a list of {"name": ..., "args": [...]} (a training run) or {"name": ..., "init": [...]}
+JOBS.json: a list of {"name": ..., "args": [...], "env": {...}} (a training run; env: set for it) or {"name": ..., "init": [...]}
 (build the model with the strategy from these overrides and compare its full weights on rank 0
 with a single-process build: the result is the largest absolute difference). One process group serves every run (a torchrun
 start costs more than a tiny run). Each rank writes OUT_DIR/rank<R>.json: per job, the exit code
@@ -73,8 +73,11 @@ def main() -> None:
             results[job["name"]] = {"init_max_diff": init_difference(job["init"])}
             continue
         err = io.StringIO()
+        os.environ.update(job.get("env", {}))
         with contextlib.redirect_stderr(err):
             code = cli(["train", *job["args"]])
+        for key in job.get("env", {}):
+            del os.environ[key]
         lines = [ln for ln in err.getvalue().splitlines() if ln.startswith("lrpretrain: error:")]
         results[job["name"]] = {"code": code, "errors": lines}
         if code not in (0, 2):

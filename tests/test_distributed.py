@@ -49,7 +49,8 @@ def close(a: dict[int, float], b: dict[int, float], tol: float = TOL) -> bool:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, corpus) -> Path:
-    """One launch: DDP/FSDP2 x (full, per-layer), GaLore and ReLoRA under FSDP2, init check, refusals."""
+    """One launch: DDP/FSDP2 x (full, per-layer), GaLore and ReLoRA under FSDP2, init check, refusals,
+    a pre-emption signal seen by one rank."""
     root = tmp_path_factory.mktemp("dist")
 
     def job(name: str, *args: str, run: str | None = None) -> dict:
@@ -68,6 +69,8 @@ def runs(tmp_path_factory, corpus) -> Path:
         # rank 0 refuses the existing run directory: every rank must stop with its line, no hang
         job("refused_rundir", "distributed=ddp", "trainer.resume=never", run="ddp"),
         job("refused_method", "distributed=fsdp2", "method=crnet", "method.rank=8"),
+        {**job("signal", "distributed=fsdp2", "method=test_kill"),
+         "env": {"LRP_TEST_SIGNAL_AT": "3", "LRP_TEST_SIGNAL_RANK": "1"}},
     ]
     proc = torchrun(root / "launch", jobs)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -160,29 +163,26 @@ def test_fsdp2_sigkill_then_exact_resume(runs, tmp_path):
     assert losses(run) == losses(runs / "fsdp2")  # bit for bit: same world size, same shards
 
 
-def test_a_signal_on_one_rank_stops_every_rank_at_the_same_update(tmp_path):
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_update(runs):
     """SIGUSR1 reaches rank 1 only, after update 3: both ranks checkpoint step 3 and exit cleanly."""
-    run = tmp_path / "run"
-    jobs = [{"name": "run", "args": [*COMMON, f"run.dir={run}", "distributed=fsdp2", "method=test_kill"]}]
-    proc = torchrun(tmp_path / "a", jobs, env={"LRP_TEST_SIGNAL_AT": "3", "LRP_TEST_SIGNAL_RANK": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [results(tmp_path / "a", r)["run"]["code"] for r in (0, 1)] == [0, 0]
-    assert (run / "checkpoints" / "latest").read_text().strip() == "step_3"
-    assert max(losses(run)) == 3
+    assert [results(runs / "launch", r)["signal"]["code"] for r in (0, 1)] == [0, 0]
+    assert (runs / "signal" / "checkpoints" / "latest").read_text().strip() == "step_3"
+    assert max(losses(runs / "signal")) == 3
 
 
-def test_fsdp2_resumes_on_another_world_size(runs, tmp_path):
-    """2 -> 1 process: DCP reshards model and optimizer; the global data position needs no change."""
-    run = tmp_path / "run"
-    src = runs / "fsdp2" / "checkpoints" / "step_2"
-    jobs = [{"name": "run", "args": [*COMMON, f"run.dir={run}", "distributed=fsdp2", "method=test_kill",
-                                     f"trainer.resume={src}"]}]
+def test_resume_on_another_world_size(runs, tmp_path):
+    """2 -> 1 process. FSDP2: DCP reshards model and optimizer; DDP: full states. With
+    distributed.data=global the data position is global and needs no change."""
+    jobs = []
+    for name, args in {"fsdp2": ["distributed=fsdp2", "method=test_kill"], "ddp": ["distributed=ddp"]}.items():
+        src = runs / name / "checkpoints" / "step_2"
+        jobs.append({"name": name, "args": [*COMMON, f"run.dir={tmp_path / name}", *args, f"trainer.resume={src}"]})
     proc = torchrun(tmp_path / "a", jobs, nproc=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ref = losses(runs / "fsdp2")
-    got = losses(run)
-    assert sorted(got) == [3, 4]
-    assert close(got, {k: ref[k] for k in (3, 4)})
+    for name in ("fsdp2", "ddp"):
+        ref, got = losses(runs / name), losses(tmp_path / name)
+        assert sorted(got) == [3, 4]
+        assert close(got, {k: ref[k] for k in (3, 4)})
 
 
 def _metrics(run: Path) -> list[dict]:

@@ -20,7 +20,7 @@ TWO = ["model=llama_tiny", "trainer.batch_size=4", "trainer.micro_batch_size=2"]
     ([], 2, "distributed.strategy=single runs one process, but WORLD_SIZE=2"),
     (["distributed=fsdp2", "optim.state_bits=8"], 2, "optim.state_bits=8 is not supported with distributed.strategy=fsdp2"),
     (["distributed=fsdp2", "method=galore", "method.rank=8", "method.state_bits=8"], 2,
-     "optim.state_bits=8 is not supported with distributed.strategy=fsdp2"),
+     "method.state_bits=8 is not supported with distributed.strategy=fsdp2"),
     (["distributed=fsdp2", "method=switchlora", "method.rank=8"], 2,
      "method=switchlora is not supported with distributed.strategy=fsdp2: its VectorwiseAdamW"),
     (["distributed=fsdp2", "method=sst", "method.rank=8"], 2, "method=sst is not supported with distributed.strategy=fsdp2"),

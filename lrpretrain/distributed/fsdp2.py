@@ -96,9 +96,10 @@ class FSDP2(Strategy):
             raise ConfigError(f"method={cfg.method.name} is not supported with distributed.strategy=fsdp2: {why}; "
                               "use distributed=ddp")
         if cfg.optim.state_bits == 8 or getattr(cfg.method, "state_bits", 32) == 8:
-            raise ConfigError("optim.state_bits=8 is not supported with distributed.strategy=fsdp2: blockwise 8-bit "
+            key = "optim.state_bits" if cfg.optim.state_bits == 8 else "method.state_bits"
+            raise ConfigError(f"{key}=8 is not supported with distributed.strategy=fsdp2: blockwise 8-bit "
                               "moments quantise the whole flattened tensor, a rank holds only a shard; use "
-                              "optim.state_bits=32 or distributed=ddp")
+                              f"{key}=32 or distributed=ddp")
         if cfg.trainer.compile:
             raise ConfigError("trainer.compile=true is not supported with distributed.strategy=fsdp2 here "
                               "(untested); use trainer.compile=false")
