@@ -57,22 +57,13 @@ from lrpretrain.checkpoint import SHARDED
 from lrpretrain.distributed import local
 from lrpretrain.distributed.strategy import Resumed, Strategy, register_strategy
 from lrpretrain.errors import CheckpointError, ConfigError
+from lrpretrain.methods import get_method
 
 if TYPE_CHECKING:
     from lrpretrain.checkpoint import Checkpointer
     from lrpretrain.config import Config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# Methods that cannot run sharded, and why (refused at config time).
-REFUSED = {
-    "crnet": "its cross-layer gate beta is a 0-d parameter, and fully_shard cannot shard scalars",
-    "switchlora": "its VectorwiseAdamW keeps per-row/column step counters and freezes and restarts single vectors "
-                  "of the moments, which is not implemented on sharded (DTensor) state",
-    "sst": "its after-step resampling splices sampled singular vectors into the frozen bases by column index "
-           "(index_copy over whole matrices), which is not implemented on sharded parameters",
-}
 
 
 def _surgery_runs_on_meta(build: Callable[..., nn.Module]) -> bool:
@@ -91,7 +82,7 @@ class FSDP2(Strategy):
     @classmethod
     def validate(cls, cfg: Config, world_size: int) -> None:
         super().validate(cfg, world_size)
-        why = REFUSED.get(cfg.method.name)
+        why = get_method(cfg.method.name).unsupported_strategies.get("fsdp2")
         if why:
             raise ConfigError(f"method={cfg.method.name} is not supported with distributed.strategy=fsdp2: {why}; "
                               "use distributed=ddp")

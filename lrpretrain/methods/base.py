@@ -51,6 +51,9 @@ class Method:
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    # distributed strategies this method cannot run under, each with the reason (refused at config time
+    # with it; see lrpretrain/distributed/)
+    unsupported_strategies: ClassVar[dict[str, str]] = {}
 
     def __init__(self, cfg: MethodConfig, model_cfg: ModelConfig):
         self.cfg = cfg

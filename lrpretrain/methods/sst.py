@@ -181,6 +181,9 @@ class SpectralLinear(Reparameterized):
 
 @register_method("sst")
 class SST(Method):
+    unsupported_strategies = {
+        "fsdp2": "its after-step resampling splices sampled singular vectors into the frozen bases by column "
+                 "index (index_copy over whole matrices), which is not implemented on sharded parameters"}
     """Sparse Spectral Training: all singular values and r sampled singular-vector pairs per round."""
 
     Config = SSTConfig
