@@ -90,6 +90,21 @@ def _finished(run_dir: Path, max_steps: int, resolved: DictConfig) -> dict[str, 
     return info
 
 
+def _check_same_run(run_dir: Path, typed, resolved: DictConfig) -> None:
+    """Refuse a job directory holding a run with another config before building anything (train()
+    would refuse it too, after loading data and model)."""
+    from lrpretrain.train.rundir import config_differences
+
+    stored = run_dir / "config.yaml"
+    if not stored.exists() or typed.run.overwrite or typed.trainer.resume != "auto":
+        return
+    diffs = config_differences(OmegaConf.load(stored), resolved)  # type: ignore[arg-type]
+    if diffs:
+        shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+        raise ConfigError(f"run.dir {run_dir} holds a run with a different config ({shown}); run the sweep in "
+                          "another hydra.sweep.dir, or with the config of the sweep that made it")
+
+
 # ---------------------------------------------------------------------------------------------
 # One job (Hydra's task function; runs in this process or in a SLURM job through submitit)
 
@@ -139,6 +154,7 @@ def job(cfg: DictConfig) -> dict[str, Any]:
         if done is not None:
             print(f"sweep: job {info['job']} already complete (step {done['step']}): skipped", file=sys.stderr)
             return {**info, "status": "complete", "step": done["step"], "skipped": True}
+        _check_same_run(run_dir, typed, resolved)
         if is_rank0:
             _write_job_file(run_dir, {**info, "status": "running", "max_steps": typed.trainer.max_steps})
         result = train(typed, resolved)
