@@ -141,8 +141,11 @@ def job(cfg: DictConfig) -> dict[str, Any]:
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     is_rank0 = rank() == 0
+    if is_rank0:
+        print(f"sweep: job #{info['num']} {info['swept'] or '(no swept overrides)'} in {run_dir}", file=sys.stderr)
 
     result: dict[str, Any] = {}
+    ours = False  # whether the job file is this job's to write (not when the directory holds another run)
     try:
         cfg = copy.deepcopy(cfg)
         OmegaConf.set_readonly(cfg, False)
@@ -155,6 +158,7 @@ def job(cfg: DictConfig) -> dict[str, Any]:
             print(f"sweep: job {info['job']} already complete (step {done['step']}): skipped", file=sys.stderr)
             return {**info, "status": "complete", "step": done["step"], "skipped": True}
         _check_same_run(run_dir, typed, resolved)
+        ours = True
         if is_rank0:
             _write_job_file(run_dir, {**info, "status": "running", "max_steps": typed.trainer.max_steps})
         result = train(typed, resolved)
@@ -167,7 +171,7 @@ def job(cfg: DictConfig) -> dict[str, Any]:
         status, result = "failed", {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
     record = {**info, "status": status, "step": result.get("step"), "error": result.get("error"),
               "signal": result.get("signal")}
-    if is_rank0:
+    if is_rank0 and ours:
         _write_job_file(run_dir, record)
     if status == "preempted":
         _stopped_by = result.get("signal") or "a signal"
@@ -204,7 +208,7 @@ def _validate_jobs(task_overrides: list, launcher: str, swept: set[str]) -> list
     for overrides in jobs:
         try:
             typed = to_typed(compose([*overrides, "run.dir=."]))
-            if launcher == "local":  # on SLURM the devices and the world size are the job's, not this machine's
+            if launcher in ("local", "basic"):  # elsewhere the devices and world size are the job's, not ours
                 validate_config(typed, 1)
             else:
                 for section in (typed.model, typed.data, typed.optim, typed.trainer, typed.eval, typed.method):
@@ -255,7 +259,8 @@ def run_sweep(overrides: list[str], dry_run: bool = False) -> int:
                           "overrides>; set hydra.sweep.dir=PATH")
     custom_sweeper = any(o.key_or_group == "hydra/sweeper" for o in parsed)
     launcher = next((str(o.value()) for o in task if o.key_or_group == "launcher"), "local")
-    if launcher == "slurm":
+    launcher = next((str(o.value()) for o in parsed if o.key_or_group == "hydra/launcher"), launcher)
+    if launcher in ("slurm", "submitit_slurm"):
         try:
             import hydra_plugins.hydra_submitit_launcher  # noqa: F401
         except ImportError as e:
@@ -310,7 +315,7 @@ def _print_plan(cfg: DictConfig, jobs: list[list[str]] | None, fixed: list[str],
     for overrides in jobs:
         swept = sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in fixed)
         print(f"  {sweep_dir / job_slug(','.join(swept))}: {' '.join(overrides)}")
-    if launcher == "slurm":
+    if launcher in ("slurm", "submitit_slurm"):
         launcher_cfg = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
         print("sbatch script (submitit):\n" + slurm_script(launcher_cfg, len(jobs)))  # type: ignore[arg-type]
 

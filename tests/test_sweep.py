@@ -45,13 +45,20 @@ def test_sweep_of_two_methods_then_rerun_skips_both(cli, tmp_path):
     assert {j: (sw / j / "metrics.jsonl").read_text() for j in before} == before
     assert [x["status"] for x in _summary(sw)] == ["complete", "complete"]
 
-    # Same job directories, different training config: refused per job, nothing overwritten.
+    # Same job directories, different training config: each job is refused, nothing is overwritten.
+    job_files = {j: (sw / j / "sweep_job.json").read_text() for j in before}
     r = cli("train", *args, "optim.lr=0.002")
     assert r.code == 1
-    rows = _summary(sw)
-    assert [x["status"] for x in rows] == ["failed", "failed"]
-    assert all("holds a run with a different config (optim.lr: 0.001 -> 0.002)" in x["error"] for x in rows)
+    assert r.err.count("holds a run with a different config (optim.lr: 0.001 -> 0.002)") == 2
     assert {j: (sw / j / "metrics.jsonl").read_text() for j in before} == before
+    assert {j: (sw / j / "sweep_job.json").read_text() for j in before} == job_files
+
+    (sw / "summary.md").unlink()
+    r = cli("sweep-summary", str(sw))
+    assert r.code == 0 and "| method=galore | galore | method=galore | complete | 2 |" in r.out
+    assert (sw / "summary.md").exists() and len(_summary(sw)) == 2
+    r = cli("sweep-summary", str(tmp_path / "nosuch"))
+    assert r.code == 2 and len(r.error_lines) == 1
 
 
 def test_preempted_sweep_job_resumes_on_rerun(cli, tmp_path, monkeypatch):
