@@ -20,7 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lrpretrain.errors import ConfigError, allowed, check
 
-CONF_GROUPS = ("model", "method", "data", "optim", "trainer", "distributed", "experiment")
+CONF_GROUPS = ("model", "method", "data", "optim", "trainer", "distributed", "experiment", "launcher")
 
 
 def _one_of(key: str, value: str, options: tuple[str, ...]) -> None:
@@ -273,7 +273,9 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     from lrpretrain.methods import available_methods, get_method
+    from lrpretrain.sweep import register_resolver
 
+    register_resolver()  # hydra.sweep.subdir in conf/config.yaml
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     yaml_methods = {p.stem for p in (conf_dir() / "method").glob("*.yaml")}
@@ -329,6 +331,10 @@ def _composition_error(e: Exception, overrides: list[str]) -> ConfigError:
         key = m.group(1)
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         return ConfigError(f"unknown config key '{key}'; {_keys_hint(parent, overrides)}")
+    m = re.search(r"Ambiguous value for argument '([^']+)'", msg)
+    if m:
+        return ConfigError(f"override '{m.group(1)}' lists several values: run a sweep with `lrpretrain train -m ...`, "
+                           "or write a list as key=[a,b] or a string as key='a,b'")
     m = re.search(r"Error merging override (\S+)", msg)
     if m:
         detail = _first_line(cause)

@@ -60,6 +60,7 @@ class Recorder(Method):
 class FaultConfig(MethodConfig):
     nan_at: list[int] = field(default_factory=list)  # updates (1-based) whose forward returns NaN logits
     signal_at: int = 0  # after this update, send SIGUSR1 to this process (pre-emption)
+    signal_name: str = "SIGUSR1"  # or SIGUSR2 (submitit's notice), SIGTERM
 
 
 @register_method("test_fault")
@@ -82,7 +83,7 @@ class Fault(Method):
     def after_step(self, ctx: StepContext):
         self.update = ctx.step + 1
         if ctx.step == self.cfg.signal_at:
-            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), getattr(signal, getattr(self.cfg, "signal_name", "SIGUSR1")))
 
     def state_dict(self):
         return {"update": self.update}

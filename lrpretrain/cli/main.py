@@ -1,6 +1,9 @@
 """``lrpretrain`` command line: subcommands taking Hydra-style overrides.
 
     lrpretrain train [overrides]            train (or resume) a model; see README for the keys
+    lrpretrain train -m [overrides]         a sweep (Hydra multirun): key=a,b runs one job per value
+                                            (--dry-run: list the jobs and the sbatch script, run nothing)
+    lrpretrain sweep-summary SWEEP_DIR      write a sweep's summary.jsonl and summary.md again
     lrpretrain generate run.dir=PATH [...]  sample text from a run's latest checkpoint
     lrpretrain prepare-data [embedded]      prepare the embedded corpus and tokenizer now
 
@@ -21,6 +24,11 @@ USAGE = __doc__.split("\n\n")[1]
 
 def cmd_train(args: list[str]) -> int:
     from lrpretrain.config import load_config
+
+    if "-m" in args or "--multirun" in args:
+        from lrpretrain.sweep import run_sweep
+
+        return run_sweep([a for a in args if a not in ("-m", "--multirun", "--dry-run")], "--dry-run" in args)
     from lrpretrain.train import train
 
     cfg, resolved = load_config(args)
@@ -32,6 +40,17 @@ def cmd_generate(args: list[str]) -> int:
     from lrpretrain.generate import generate_from_run
 
     print(generate_from_run(args))
+    return 0
+
+
+def cmd_sweep_summary(args: list[str]) -> int:
+    from pathlib import Path
+
+    from lrpretrain.sweep import markdown_table, write_summary
+
+    if len(args) != 1 or not Path(args[0]).is_dir():
+        raise UserError(f"sweep-summary takes one existing sweep directory, got {args}")
+    print(markdown_table(write_summary(Path(args[0]))))
     return 0
 
 
@@ -49,6 +68,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": cmd_train,
     "generate": cmd_generate,
     "prepare-data": cmd_prepare_data,
+    "sweep-summary": cmd_sweep_summary,
 }
 
 

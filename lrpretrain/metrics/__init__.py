@@ -1,7 +1,7 @@
 """Metrics: console progress, ``<run.dir>/metrics.jsonl`` and Weights & Biases.
 
-One JSON object per logged step (``step``, ``loss``, ``lr``, ``tokens``, ..., plus ``val_loss`` and
-``val_ppl`` on eval steps). On resume, records past the checkpoint's step (written after it and lost
+One JSON object per logged step (``step``, ``loss``, ``lr``, ``tokens``, ``peak_mem_mb``, ..., plus
+``val_loss`` and ``val_ppl`` on eval steps). On resume, records past the checkpoint's step (written after it and lost
 with the crash) move to ``metrics.rewound.jsonl``, so ``metrics.jsonl`` always describes the one
 run that continues, and nothing is deleted.
 """
@@ -39,6 +39,40 @@ def _eval_line(r: dict[str, Any]) -> str:
     if "galore_val_ppl" in r:
         line += f" | galore protocol: val_ppl {r['galore_val_ppl']:.2f} ({r['galore_val_batches']} batches)"
     return line
+
+
+def reset_peak_memory(device) -> None:
+    """Start a new peak for :func:`peak_memory_mb` (each run of an in-process sweep gets its own)."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: "5" resets the process's peak resident set size (VmHWM) to its current size
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device) -> float | None:
+    """Peak memory since :func:`reset_peak_memory`, in MiB: on CUDA the most the caching allocator had
+    allocated to tensors (``torch.cuda.max_memory_allocated``); on the CPU the process's peak resident
+    set size (VmHWM), which also counts the interpreter and libraries (~0.3-0.5 GiB)."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS (never reset)
+    return rss / (2**20 if sys.platform == "darwin" else 1024)
 
 
 def rewind_jsonl(path: Path, step: int) -> int:

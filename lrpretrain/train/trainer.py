@@ -28,7 +28,7 @@ from lrpretrain.distributed import all_reduce_sum, world_size
 from lrpretrain.distributed.strategy import Strategy
 from lrpretrain.errors import UserError
 from lrpretrain.methods import Method, StepContext
-from lrpretrain.metrics import MetricsLogger
+from lrpretrain.metrics import MetricsLogger, peak_memory_mb, reset_peak_memory
 from lrpretrain.model import lm_loss
 from lrpretrain.optim import lr_factor
 from lrpretrain.train.evaluate import evaluate
@@ -201,6 +201,7 @@ class Trainer:
             last = {"step": 0, "tokens": 0, "lr": 0.0, **self.evaluate()}
             self.logger.log(last)
         handlers = self._install_signal_handlers()
+        reset_peak_memory(self.device)
         tokens_window, time_window = 0, 0.0
         try:
             while self.state.step < t.max_steps:
@@ -214,7 +215,8 @@ class Trainer:
                 tokens_window, time_window = tokens_window + step_tokens, time_window + dt
                 step = self.state.step
                 record = {"step": step, "tokens": self.state.tokens, **record, "step_time": dt,
-                          "tokens_per_s": step_tokens / dt if dt > 0 else 0.0}
+                          "tokens_per_s": step_tokens / dt if dt > 0 else 0.0,
+                          "peak_mem_mb": peak_memory_mb(self.device)}
                 if self.flops_per_token and self.device.type == "cuda":
                     record["tflops"] = self.flops_per_token * step_tokens / dt / 1e12
                 is_eval = self.val is not None and (step == t.max_steps or (t.eval_every and step % t.eval_every == 0))
@@ -231,7 +233,7 @@ class Trainer:
                     self.save_checkpoint()
                 if stop:
                     self.logger.info(f"stopped by {self._stop_signal} at step {step}; resume with trainer.resume=auto")
-                    return {**last, "status": "preempted"}
+                    return {**last, "status": "preempted", "signal": self._stop_signal}
         finally:
             self._restore_signal_handlers(handlers)
             self.data.close()
@@ -245,7 +247,8 @@ class Trainer:
             self._stop_signal = signal.Signals(signum).name
 
         previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        # SIGUSR1: our sbatch script's pre-emption notice; SIGUSR2: submitit's (the SLURM sweep launcher)
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
             try:
                 previous[sig] = signal.signal(sig, handler)
             except ValueError:  # not the main thread: leave signals to the caller
