@@ -2,7 +2,7 @@
 
     python benchmarks/step_bench.py --name steps_llama_small_cpu --models llama_small \\
         --methods full galore cola cola_m crnet --recompute none full method --per-layer false true \\
-        --rounds 2 -- trainer.threads=1 trainer.batch_size=4 trainer.micro_batch_size=4
+        --set galore:method.rank=64 cola:method.rank=64 --rounds 2 -- trainer.threads=1 trainer.batch_size=4
 
 Every cell runs in its own process (``lrpretrain bench --json``), the cells taking turns round after
 round in rotated order so that all see the same machine load; the step time of a cell is the median
@@ -79,6 +79,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--set", nargs="*", default=[], metavar="METHOD:KEY=VALUE",
+                    help="an override for one method's cells only, e.g. galore:method.rank=64")
     ap.add_argument("overrides", nargs="*", help="lrpretrain overrides shared by every cell")
     args = ap.parse_args()
 
@@ -94,7 +96,8 @@ def main() -> None:
             if key in cells and "refused" in cells[key]:
                 continue
             loads.append(os.getloadavg())
-            r = run_cell([*cell_overrides(*cell), *args.overrides], args.warmup, args.steps)
+            own = [s.split(":", 1)[1] for s in args.set if s.split(":", 1)[0] == cell[1]]
+            r = run_cell([*cell_overrides(*cell), *args.overrides, *own], args.warmup, args.steps)
             if key not in cells:
                 cells[key] = r
             elif "refused" not in r:

@@ -157,6 +157,7 @@ def bench(overrides: list[str], warmup: int = 2, steps: int = 5, memory: bool = 
 
     if warmup < 0 or steps < 1:
         raise UserError(f"--warmup={warmup} --steps={steps} is invalid: need warmup >= 0 and steps >= 1")
+    threads = torch.get_num_threads()  # trainer.threads sets it process-wide; restored on the way out
     with tempfile.TemporaryDirectory(prefix="lrpretrain-bench-") as tmp:
         forced = [f"run.dir={tmp}/run", "trainer.eval_at_start=false", "trainer.eval_every=0", "data.val_tokens=0",
                   "logging.progress=none", "logging.wandb=disabled", "trainer.resume=never",
@@ -168,6 +169,7 @@ def bench(overrides: list[str], warmup: int = 2, steps: int = 5, memory: bool = 
         finally:
             trainer.data.close()
             trainer.logger.close()
+            torch.set_num_threads(threads)
 
 
 def _measure(cfg, trainer, warmup: int, steps: int, memory: bool, estimate, saved_activation_bytes) -> dict[str, Any]:
