@@ -20,7 +20,7 @@ BUILTIN = ["full", "galore", "galore_dct", "fira", "apollo", "apollo_mini", "fru
            "periodic_lora", "sltrain", "switchlora", "sst", "cola", "cola_m", "crnet"]
 HAS_RANK = {"lowrank", "lora", "relora", "periodic_lora", "sltrain", "switchlora", "sst", "cola", "cola_m", "crnet"}
 SMALL = ["model=llama_tiny", "data.seq_len=64", "trainer.batch_size=2", "trainer.micro_batch_size=2",
-         "trainer.threads=1", "trainer.precision=fp32"]
+         "trainer.threads=1"]
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def test_activation_formulas_equal_saved_bytes(name, one_thread):
                 plugin.activation_bytes(cfg.model, recompute, 1, False)
             continue
         ids = torch.randint(0, cfg.model.vocab_size, (2, 64))
-        _, saved = saved_activation_bytes(model, lambda: lm_loss(model(ids), ids)[0])
+        _, saved = saved_activation_bytes(model, lambda m=model, x=ids: lm_loss(m(x), x)[0])
         per_token = plugin.activation_bytes(cfg.model, recompute, 1, False) + outside_layers_bytes(cfg.model, 64, False)
         assert 2 * 64 * per_token == pytest.approx(saved, rel=1e-4), (name, recompute)
 
@@ -79,6 +79,7 @@ MEASURED = [
     ["method=cola", "method.rank=32", "trainer.recompute=full"],
     ["method=crnet", "method.rank=32", "trainer.recompute=method", "trainer.per_layer_update=true"],
     ["method=full", "trainer.batch_size=4", "trainer.per_layer_update=true"],
+    ["method=cola_m", "method.rank=32", "trainer.precision=bf16"],  # autocast's cached bf16 weight copies
 ]
 
 
@@ -86,14 +87,15 @@ MEASURED = [
 def test_estimate_within_10_percent_of_measured(corpus, overrides):
     from lrpretrain.bench import bench
 
-    r = bench([*SMALL, *overrides], warmup=1, steps=1)
+    precision = [] if any(o.startswith("trainer.precision") for o in overrides) else ["trainer.precision=fp32"]
+    r = bench([*SMALL, *precision, *overrides], warmup=1, steps=1)
     e = r["estimate"]
     assert e["peak"] == pytest.approx(r["peak_bytes"], rel=0.10)
     assert e["weights"] == pytest.approx(r["param_bytes"] + r["buffer_bytes"], rel=0.01)
     assert e["optimizer_states"] == pytest.approx(r["optimizer_state_bytes"], rel=0.01)
     assert e["gradients"] == pytest.approx(r["peak_grad_bytes"], rel=0.10)
-    act = e["activations"]
-    assert act == pytest.approx(r["activation_bytes"], rel=0.01)
+    # exact in fp32; under bf16 the CoLA terms are approximations
+    assert e["activations"] == pytest.approx(r["activation_bytes"], rel=0.01 if r["precision"] == "fp32" else 0.10)
     assert r["step_s"] > 0 and 0 < r["mfu"] < 1.5
 
 
@@ -111,7 +113,8 @@ def test_llama_small_estimate_matches_measured(corpus):
 
 def test_bench_cli_writes_json(cli, tmp_path):
     out = tmp_path / "b.json"
-    res = cli("bench", *SMALL, "method=cola_m", "method.rank=32", "--warmup", "1", "--steps", "2", "--json", str(out))
+    res = cli("bench", *SMALL, "trainer.precision=fp32", "method=cola_m", "method.rank=32", "--warmup", "1",
+              "--steps", "2", "--json", str(out))
     assert res.code == 0, res.err
     assert "tokens/s" in res.out and "MFU" in res.out and "peak" in res.out
     r = json.loads(out.read_text())
