@@ -202,7 +202,12 @@ def estimate(cfg: Config, budget: float | None = None, precision: str | None = N
     grads_kept = wb * largest if in_backward and accum == 1 else all_grads
 
     tokens = B * T
-    per_token = plugin.activation_bytes(mc, t.recompute, t.recompute_every, bf16) + outside_layers_bytes(mc, T, bf16)
+    try:
+        layers = plugin.activation_bytes(mc, t.recompute, t.recompute_every, bf16)
+    except NotImplementedError as e:  # a third-party policy without an activation model
+        raise UserError(f"cannot estimate trainer.recompute={t.recompute} for method '{cfg.method.name}': {e}; "
+                        "trainer.recompute=none gives an upper bound") from e
+    per_token = layers + outside_layers_bytes(mc, T, bf16)
     saved = tokens * per_token
     embeddings = mc.vocab_size * mc.dim * (1 if mc.tie_embeddings else 2)
     cast = autocast_weight_bytes(params - embeddings + mc.vocab_size * mc.dim) if bf16 and not pure_bf16 else 0.0

@@ -175,3 +175,17 @@ def test_estimate_headline_numbers():
     assert galore.gradients == 2 * 32000 * 4096  # the largest gradient (embedding), bf16
     ours = est("experiment=galore_c4_7b", "method.state_bits=8", "trainer.per_layer_update=true")
     assert ours.peak > 24 * 2**30 and ours.weights > 25e9
+
+
+def test_third_party_plugin_gets_the_defaults(cli):
+    """A plugin that implements none of the memory hooks is estimated as full-rank AdamW; one with its own
+    recompute policy but no activation model gets one clear line for recompute=method."""
+    import lrp_test_plugins  # noqa: F401  (registers test_recorder, test_recompute)
+
+    plain, _ = load_config(["model=llama_small", "method=full"])
+    e_full = estimate(plain)
+    cfg, _ = load_config(["model=llama_small", "method=test_recorder"])
+    e = estimate(cfg)
+    assert (e.peak, e.optimizer_states, e.activations) == (e_full.peak, e_full.optimizer_states, e_full.activations)
+    res = cli("estimate", "model=llama_small", "method=test_recompute", "trainer.recompute=method")
+    assert res.code == 2 and len(res.error_lines) == 1 and "upper bound" in res.error_lines[0]
