@@ -36,11 +36,12 @@ def cell_overrides(model: str, method: str, recompute: str, per_layer: bool, pre
             f"trainer.per_layer_update={str(per_layer).lower()}", f"trainer.precision={precision}"]
 
 
-def run_cell(overrides: list[str], warmup: int, steps: int) -> dict | None:
+def run_cell(overrides: list[str], warmup: int, steps: int, memory: bool = True) -> dict | None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
         proc = subprocess.run([sys.executable, "-m", "lrpretrain.cli.main", "bench", *overrides, "--warmup", str(warmup),
-                               "--steps", str(steps), "--json", str(out)], capture_output=True, text=True)
+                               "--steps", str(steps), "--json", str(out), *([] if memory else ["--no-memory"])],
+                              capture_output=True, text=True)
         if proc.returncode == 2:  # a combination the config refuses
             return {"refused": proc.stderr.strip().splitlines()[-1]}
         if proc.returncode != 0:
@@ -61,10 +62,14 @@ def table(cells: dict[str, dict]) -> str:
             continue
         e = r["estimate"]
         mfu = "–" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        rows.append(f"| {r['model']} | {r['method']} | {r['recompute']} | {'on' if r['per_layer_update'] else 'off'} | "
-                    f"{r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {mfu} | {mib(r['peak_bytes'])} | {mib(e['peak'])} | "
-                    f"{e['peak'] / r['peak_bytes']:.3f} | {mib(r['param_bytes'] + r['buffer_bytes'])} | "
-                    f"{mib(r['optimizer_state_bytes'])} | {mib(r['peak_grad_bytes'])} | {mib(r['activation_bytes'])} |")
+        row = (f"| {r['model']} | {r['method']} | {r['recompute']} | {'on' if r['per_layer_update'] else 'off'} | "
+               f"{r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {mfu} | ")
+        if "peak_bytes" not in r:  # timing only
+            rows.append(row + f"– | {mib(e['peak'])} | – | – | – | – | – |")
+            continue
+        rows.append(row + f"{mib(r['peak_bytes'])} | {mib(e['peak'])} | {e['peak'] / r['peak_bytes']:.3f} | "
+                    f"{mib(r['param_bytes'] + r['buffer_bytes'])} | {mib(r['optimizer_state_bytes'])} | "
+                    f"{mib(r['peak_grad_bytes'])} | {mib(r['activation_bytes'])} |")
     return "\n".join(rows)
 
 
@@ -79,6 +84,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--no-memory", action="store_true", help="time only (no memory measurement)")
     ap.add_argument("--set", nargs="*", default=[], metavar="METHOD:KEY=VALUE",
                     help="an override for one method's cells only, e.g. galore:method.rank=64")
     ap.add_argument("overrides", nargs="*", help="lrpretrain overrides shared by every cell")
@@ -97,18 +103,23 @@ def main() -> None:
                 continue
             loads.append(os.getloadavg())
             own = [s.split(":", 1)[1] for s in args.set if s.split(":", 1)[0] == cell[1]]
-            r = run_cell([*cell_overrides(*cell), *args.overrides, *own], args.warmup, args.steps)
+            r = run_cell([*cell_overrides(*cell), *args.overrides, *own], args.warmup, args.steps, not args.no_memory)
             if key not in cells:
                 cells[key] = r
             elif "refused" not in r:
                 cells[key]["steps_s"] += r["steps_s"]
                 cells[key]["round_medians"] = cells[key].get("round_medians", [cells[key]["step_s"]]) + [r["step_s"]]
             print(key, "refused" if "refused" in r else f"{r['step_s']:.3f} s", flush=True)
-    for r in cells.values():
-        if "refused" not in r:
-            r["step_s"] = statistics.median(r["steps_s"])
-            r["tokens_per_s"] = r["batch_size"] * r["seq_len"] / r["step_s"]
-            r["mfu"] = r["flops_per_token"] * r["tokens_per_s"] / r["peak_flops"] if r["peak_flops"] else None
+    ok = [r for r in cells.values() if "refused" not in r]
+    # On the CPU each cell measured the matmul peak under its own load: the best of them is the closest to
+    # the machine's peak, and one figure for the whole grid keeps the MFUs comparable.
+    measured = [r["peak_flops"] for r in ok if r["peak_flops"] and r["peak_flops_source"].startswith("measured")]
+    for r in ok:
+        r["step_s"] = statistics.median(r["steps_s"])
+        r["tokens_per_s"] = r["batch_size"] * r["seq_len"] / r["step_s"]
+        if measured:
+            r["cell_peak_flops"], r["peak_flops"] = r["peak_flops"], max(measured)
+        r["mfu"] = r["flops_per_token"] * r["tokens_per_s"] / r["peak_flops"] if r["peak_flops"] else None
     from lrpretrain.bench import machine
 
     result = {"name": args.name, "command": "python benchmarks/step_bench.py " + " ".join(sys.argv[1:]),
