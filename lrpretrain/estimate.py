@@ -219,7 +219,7 @@ def estimate(cfg: Config, budget: float | None = None, precision: str | None = N
     log_softmax = tokens * 4.0 * mc.vocab_size * (T - 1) / T  # in the activations, freed first in the backward
     moments = {"end of forward": activations + fwd_t + earlier}
     if in_backward:  # the LM head's step runs early in the backward, beside nearly every activation
-        moments["start of backward"] = activations - log_softmax + head_grad + step_temp
+        moments["start of backward"] = activations - log_softmax + max(earlier, head_grad) + step_temp
     else:
         moments["start of backward"] = activations + bwd_t + max(earlier, head_grad)
         moments["optimizer step"] = all_grads + step_temp
