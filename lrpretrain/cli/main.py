@@ -6,6 +6,8 @@
     lrpretrain sweep-summary SWEEP_DIR      write a sweep's summary.jsonl and summary.md again
     lrpretrain generate run.dir=PATH [...]  sample text from a run's latest checkpoint
     lrpretrain prepare-data [embedded]      prepare the embedded corpus and tokenizer now
+    lrpretrain bench [overrides] [--steps N] measure step time, tokens/s, MFU and peak memory
+    lrpretrain estimate [overrides] [--budget 24GB]  parameters, FLOPs and peak memory, analytically
 
 Mistakes in the input print one line on stderr and exit with status 2 (traceback with
 ``LRPRETRAIN_DEBUG=1``).
@@ -64,11 +66,25 @@ def cmd_prepare_data(args: list[str]) -> int:
     return 0
 
 
+def cmd_bench(args: list[str]) -> int:
+    from lrpretrain.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def cmd_estimate(args: list[str]) -> int:
+    from lrpretrain.estimate import main as estimate_main
+
+    return estimate_main(args)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": cmd_train,
     "generate": cmd_generate,
     "prepare-data": cmd_prepare_data,
     "sweep-summary": cmd_sweep_summary,
+    "bench": cmd_bench,
+    "estimate": cmd_estimate,
 }
 
 

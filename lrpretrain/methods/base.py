@@ -123,8 +123,51 @@ class Method:
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     def cost(self, model_cfg: ModelConfig, seq_len: int) -> dict[str, float]:
-        """Analytic parameters and training FLOPs per token (6N + attention), for MFU and estimates."""
+        """Analytic parameters and training FLOPs per token (6N + attention), for MFU and estimates.
+
+        Required keys: ``params``, ``trainable_params``, ``flops_per_token``. Optional keys read by
+        ``lrpretrain estimate``: ``buffer_bytes`` (every non-parameter tensor of the model; default:
+        the RoPE tables), ``method_state_bytes`` (tensors the plugin holds outside the model and the
+        optimizer), ``largest_trainable`` (entries of the largest trainable tensor; default: the
+        embedding's).
+        """
         from lrpretrain.model.llama import flops_per_token, param_count
 
         n = param_count(model_cfg)
         return {"params": float(n), "trainable_params": float(n), "flops_per_token": flops_per_token(model_cfg, seq_len)}
+
+    def optimizer_state_bytes(self, model_cfg: ModelConfig, optim_cfg: OptimConfig) -> float:
+        """Analytic bytes of the optimizer's state (for ``lrpretrain estimate``).
+
+        Default: AdamW (fp32 or ``optim.state_bits=8`` moments) on ``cost()``'s trainable parameters;
+        a method whose optimizer keeps other state overrides it (the GaLore family's projected moments).
+        """
+        from lrpretrain.estimate import adamw_state_bytes
+
+        trainable = self.cost(model_cfg, 1)["trainable_params"]
+        return adamw_state_bytes(model_cfg, trainable, optim_cfg.state_bits)
+
+    def activation_bytes(self, model_cfg: ModelConfig, recompute: str, recompute_every: int, bf16: bool) -> float:
+        """Bytes per token that the decoder layers keep for the backward after a forward (all layers;
+        the embedding, final norm, LM head and loss are counted by the estimator).
+
+        Default: the plain LLaMA block's (:func:`lrpretrain.estimate.llama_layer_bytes`), blocks 0, k,
+        2k, ... checkpointed under ``full|selective``. A method that changes what a block saves
+        overrides it; ``recompute="method"`` is its own policy's figure.
+        """
+        from lrpretrain.estimate import llama_layer_bytes
+
+        if recompute == "method":
+            raise NotImplementedError(f"method '{self.name}' has no activation model for its recompute policy")
+        extra = (2.0 if bf16 else 4.0) * self.layer_extra_values(model_cfg)  # bf16: an approximation
+        total = 0.0
+        for i in range(model_cfg.n_layers):
+            checkpointed = recompute != "none" and i % recompute_every == 0
+            total += llama_layer_bytes(model_cfg, recompute if checkpointed else "none", bf16)
+            total += 0.0 if checkpointed else extra
+        return total
+
+    def layer_extra_values(self, model_cfg: ModelConfig) -> float:
+        """Values per token that the method's modules save in each decoder block beyond a plain block's
+        (its r-dimensional activations, dropout copies, ...), for :meth:`activation_bytes`."""
+        return 0.0

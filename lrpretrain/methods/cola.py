@@ -230,6 +230,17 @@ class CoLA(Method):
             raise UserError(f"method={self.name} cannot be exported as dense LLaMA weights: {e}; "
                             "use the checkpoint's own state_dict") from e
 
+    def layer_extra_values(self, model_cfg: ModelConfig) -> float:
+        """A·x and σ(A·x): 2r values per CoLA projection."""
+        return 2.0 * self.cfg.rank * len(expand_targets(list(self.cfg.targets)))
+
+    def activation_bytes(self, model_cfg: ModelConfig, recompute: str, recompute_every: int, bf16: bool) -> float:
+        """CoLA-M's segments keep (d + 7r) values per token and block (:func:`cola_m_saved_bytes`)."""
+        if recompute == "method" or (self.recompute_always and recompute == "none"):
+            per_block = cola_m_saved_bytes(model_cfg, self.cfg.rank, list(self.cfg.targets), 2 if bf16 else 4, 4)
+            return float(model_cfg.n_layers * per_block)
+        return super().activation_bytes(model_cfg, recompute, recompute_every, bf16)
+
     def cost(self, model_cfg: ModelConfig, seq_len: int) -> dict[str, float]:
         """Exact parameters; FLOPs of every matmul, the bottlenecks' r·(n + m) instead of m·n."""
         r, cola = self.cfg.rank, set(expand_targets(list(self.cfg.targets)))

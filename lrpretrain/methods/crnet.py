@@ -340,6 +340,23 @@ class CRNet(Method):
             raise UserError(f"method=crnet cannot be exported as dense LLaMA weights: {e}; "
                             "use the checkpoint's own state_dict") from e
 
+    def activation_bytes(self, model_cfg: ModelConfig, recompute: str, recompute_every: int, bf16: bool) -> float:
+        """Layer 1 is a plain block; each later block saves, beyond a plain one, 7r values of X·A and
+        4d of the carried outputs that s(β)·Y_{l-1} keeps (every target; pro rata for fewer). With
+        its recomputation: :func:`crnet_saved_bytes`."""
+        from lrpretrain.estimate import llama_layer_bytes
+
+        if recompute in ("full", "selective"):
+            raise ConfigError(f"trainer.recompute={recompute} is invalid for method=crnet (its blocks carry the "
+                              "previous block's outputs); allowed: none, method")
+        targets = list(self.cfg.targets)
+        if recompute == "method":
+            k = self.group_size(model_cfg.n_layers)
+            return float(crnet_saved_bytes(model_cfg, self.cfg.rank, targets, k, 2 if bf16 else 4, 4))
+        n = len(expand_targets(targets))
+        extra = (2.0 if bf16 else 4.0) * (n * self.cfg.rank + 4 * model_cfg.dim * n / 7)
+        return model_cfg.n_layers * llama_layer_bytes(model_cfg, "none", bf16) + (model_cfg.n_layers - 1) * extra
+
     def cost(self, model_cfg: ModelConfig, seq_len: int) -> dict[str, float]:
         """Exact parameters; FLOPs of every matmul: layer 1 dense, r·(n + m) per target after it."""
         r, chosen = self.cfg.rank, set(expand_targets(list(self.cfg.targets)))

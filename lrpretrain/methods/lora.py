@@ -66,6 +66,17 @@ def lora_target_cost(rank: int):
     return cost
 
 
+def lora_activation_values(model_cfg: ModelConfig, rank: int, targets: list[str], dropout: float) -> float:
+    """Values per token and block that adapters on ``targets`` save beyond a plain block's."""
+    from lrpretrain.methods.targets import expand_targets
+
+    n = len(expand_targets(targets))
+    extra = n * rank
+    if dropout > 0:
+        extra += (10 * model_cfg.dim + model_cfg.ffn_dim) * n / 7
+    return float(extra)
+
+
 def lora_modules(model: nn.Module) -> list[LoRALinear]:
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
@@ -82,6 +93,11 @@ class LoRA(Method):
         reparameterize(model, list(c.targets), lambda _q, linear: LoRALinear(linear, c.rank, c.scale,
                                                                              dropout=c.lora_dropout))
         return model
+
+    def layer_extra_values(self, model_cfg: ModelConfig) -> float:
+        """x·Aᵀ (r per target); with dropout its noise and dropped input: 10d + f per block with every
+        target (measured on torch 2.13, tests/test_estimate.py), pro rata for fewer targets."""
+        return lora_activation_values(model_cfg, self.cfg.rank, list(self.cfg.targets), self.cfg.lora_dropout)
 
     def cost(self, model_cfg: ModelConfig, seq_len: int) -> dict[str, float]:
         return reparameterized_cost(model_cfg, seq_len, list(self.cfg.targets), lora_target_cost(self.cfg.rank))

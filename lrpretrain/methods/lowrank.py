@@ -86,6 +86,12 @@ class LowRank(Method):
         reparameterize(model, list(c.targets), build)
         return model
 
+    def layer_extra_values(self, model_cfg: ModelConfig) -> float:
+        """As LoRA's adapters: x·Aᵀ per target, plus the dropout's copies (lora.lora_activation_values)."""
+        from lrpretrain.methods.lora import lora_activation_values
+
+        return lora_activation_values(model_cfg, self.cfg.rank, list(self.cfg.targets), self.cfg.lora_dropout)
+
     def cost(self, model_cfg: ModelConfig, seq_len: int) -> dict[str, float]:
         r = self.cfg.rank
 

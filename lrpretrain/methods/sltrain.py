@@ -202,4 +202,11 @@ class SLTrain(Method):
             trained = float(r * (m + n) + int(delta * m * n))
             return trained, trained, 6.0 * m * n + 4.0 * r * (m + n)
 
-        return reparameterized_cost(model_cfg, seq_len, list(self.cfg.targets), per_target)
+        out = reparameterized_cost(model_cfg, seq_len, list(self.cfg.targets), per_target)
+        # S's support: one int64 index per value, a buffer (+ the RoPE tables)
+        from lrpretrain.estimate import rope_bytes
+        from lrpretrain.methods.toolkit import target_shapes
+
+        nnz = sum(int(delta * m * n) for m, n in target_shapes(model_cfg, list(self.cfg.targets)).values())
+        out["buffer_bytes"] = 8.0 * nnz * model_cfg.n_layers + rope_bytes(model_cfg)
+        return out

@@ -234,6 +234,10 @@ class SST(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
 
+    def layer_extra_values(self, model_cfg) -> float:
+        """x·V·diag(σ) in the full spectral basis: min(m, n) values per target."""
+        return float(sum(min(m, n) for m, n in target_shapes(model_cfg, list(self.cfg.targets)).values()))
+
     def cost(self, model_cfg, seq_len: int) -> dict[str, float]:
         """Parameters include the frozen U, V; per target 4k(m+n) + 2r(m+n) training FLOPs per token."""
         base = super().cost(model_cfg, seq_len)

@@ -136,7 +136,15 @@ class SubspaceMethod(Method):
         FLOPs: ``flops_per_token`` is the full model's, as for AdamW.
         """
         out = super().cost(model_cfg, seq_len)
-        bits, L, d, V = self.cfg.state_bits, model_cfg.n_layers, model_cfg.dim, model_cfg.vocab_size
+        out["optimizer_state_bytes"] = float(self.state_bytes(model_cfg, self.cfg.state_bits))
+        return out
+
+    def optimizer_state_bytes(self, model_cfg: ModelConfig, optim_cfg: OptimConfig) -> float:
+        return float(self.state_bytes(model_cfg, self.state_bits(optim_cfg)))
+
+    def state_bytes(self, model_cfg: ModelConfig, bits: int) -> int:
+        """Analytic optimizer-state bytes with ``bits``-bit moments."""
+        L, d, V = model_cfg.n_layers, model_cfg.dim, model_cfg.vocab_size
         chosen, every = target_shapes(model_cfg, self.cfg.targets), target_shapes(model_cfg, ["attn", "mlp"])
         total = 0
         for shape in chosen.values():
@@ -147,8 +155,7 @@ class SubspaceMethod(Method):
         dense = [V * d] * (1 if model_cfg.tie_embeddings else 2) + [d] * (2 * L + 1)
         dense += [m * n for name, (m, n) in every.items() if name not in chosen] * L
         total += sum(2 * moment_bytes(numel, bits) for numel in dense)
-        out["optimizer_state_bytes"] = float(total)
-        return out
+        return total
 
 
 def moment_bytes(numel: int, bits: int) -> int:

@@ -291,6 +291,10 @@ class SwitchLoRA(Method):
         self.generator.set_state(state["generator"])
 
     # -- accounting -----------------------------------------------------------------------------------------
+    def layer_extra_values(self, model_cfg) -> float:
+        """x·Aᵀ: r values per target (no dropout)."""
+        return float(self.cfg.rank * len(target_shapes(model_cfg, list(self.cfg.targets))))
+
     def cost(self, model_cfg, seq_len: int) -> dict[str, float]:
         """W0 stays (no weight gradient): per target 4mn + 6r(m+n) training FLOPs per token instead of 6mn."""
         base = super().cost(model_cfg, seq_len)
@@ -301,4 +305,7 @@ class SwitchLoRA(Method):
         return {"params": base["params"] + factors,
                 "trainable_params": base["trainable_params"] - dense + factors,
                 "flops_per_token": base["flops_per_token"] - 2 * dense + 6 * factors,
-                "candidate_params": float(sum(min(m, n) * (m + n) for m, n in shapes))}
+                "candidate_params": float(sum(min(m, n) * (m + n) for m, n in shapes)),
+                # the pools (fp32) in device memory, unless offloaded to the host (the default)
+                "method_state_bytes": 0.0 if self.cfg.offload_candidates else 4.0 * sum(min(m, n) * (m + n)
+                                                                                         for m, n in shapes)}
