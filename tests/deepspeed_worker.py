@@ -1,0 +1,41 @@
+"""Runs several ``lrpretrain train`` jobs in one process group (one torchrun launch for many runs).
+
+    torchrun --nproc_per_node=2 tests/deepspeed_worker.py JOBS.json
+
+JOBS.json: a list of argument lists for ``lrpretrain`` (``["train", ...]``). Each job's exit code,
+error lines and log (stderr) go to ``<JOBS>.rank<r>.json``. DeepSpeed starts once (its import and the group
+setup are most of a launch's cost); each job builds and tears down its own engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from lrpretrain.cli.main import main
+
+
+def run(jobs_file: Path) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    results = []
+    for args in json.loads(jobs_file.read_text()):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = main(args)
+        errors = [ln for ln in err.getvalue().splitlines() if ln.startswith("lrpretrain: error:")]
+        results.append({"args": args, "code": code, "errors": errors, "log": err.getvalue()[-20000:]})
+        sys.stderr.write(err.getvalue())
+        dist.barrier()
+    Path(f"{jobs_file}.rank{rank}.json").write_text(json.dumps(results, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run(Path(sys.argv[1]))
