@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -26,10 +27,12 @@ def run(jobs_file: Path) -> None:
     results = []
     for args in json.loads(jobs_file.read_text()):
         err = io.StringIO()
+        t0 = time.perf_counter()
         with contextlib.redirect_stderr(err):
             code = main(args)
         errors = [ln for ln in err.getvalue().splitlines() if ln.startswith("lrpretrain: error:")]
-        results.append({"args": args, "code": code, "errors": errors, "log": err.getvalue()[-20000:]})
+        results.append({"args": args, "code": code, "errors": errors, "log": err.getvalue()[-20000:],
+                        "seconds": round(time.perf_counter() - t0, 2)})
         sys.stderr.write(err.getvalue())
         dist.barrier()
     Path(f"{jobs_file}.rank{rank}.json").write_text(json.dumps(results, indent=1))

@@ -88,7 +88,7 @@ STAGES = (1, 2, 3)
 # the ranks draw their dropout masks from their own RNG streams).
 METHODS = {"lowrank": (1, ["method.rank=16", "method.lora_dropout=0"]),
            "sltrain": (3, ["method.rank=16"]),
-           "cola": (2, ["method.rank=16"])}
+           "cola_m": (3, ["method.rank=16", "trainer.recompute=method"])}  # its recomputation under ZeRO-3
 LORA_RESUME = ["method=lora", "method.rank=16", "distributed.zero_stage=3"]  # dropout on: per-rank RNGs resume
 
 
@@ -136,6 +136,7 @@ def launches(tmp_path_factory, corpus):
     job("lora_resumed", *LORA_RESUME, "trainer.max_steps=4")
     for m, (s, args) in METHODS.items():
         runs[m] = job(m, f"method={m}", *args, f"distributed.zero_stage={s}", "trainer.max_steps=3")
+    runs["recompute"] = job("recompute", "distributed.zero_stage=3", "trainer.recompute=full", "trainer.max_steps=3")
     runs["bf16"] = job("bf16", "distributed.zero_stage=2", "trainer.precision=bf16", "trainer.max_steps=2")
     jobs_file = root / "jobs.json"
     jobs_file.write_text(json.dumps(jobs))
@@ -198,6 +199,9 @@ def test_reparameterizations_run_under_zero(launches, single):
         assert sorted(run) == [1, 2, 3], m
         for k in ref:
             assert run[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6), (m, stage, k)
+    # activation recomputation under ZeRO-3 (parameters gathered again for the recomputed forward)
+    ref, run = losses(single["full"]), losses(launches["recompute"])
+    assert sorted(run) == [1, 2, 3] and all(run[k] == pytest.approx(ref[k], rel=1e-5) for k in run)
     # LoRA with dropout under ZeRO-3 (frozen W0 partitioned too): exact resume includes each rank's RNG
     assert losses(launches["lora_resumed"]) == losses(launches["lora"])
     assert _same_weights(launches["lora"], launches["lora_resumed"], 4)

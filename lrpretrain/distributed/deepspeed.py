@@ -42,6 +42,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -136,6 +137,15 @@ def _quiet_deepspeed() -> None:
     logger.addFilter(_Expected())
 
 
+def _prefer_venv_tools() -> None:
+    """Build DeepSpeed's ops with the ninja installed next to this Python (pip's), not whichever is on
+    PATH: two ninja versions rewrite each other's build log, and each switch rebuilds the op."""
+    here = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.path.exists(os.path.join(here, "ninja")) and not path.startswith(here + os.pathsep):
+        os.environ["PATH"] = here + os.pathsep + path
+
+
 def extensions_dir() -> Path:
     """Where DeepSpeed's JIT-built ops (the CPU comm op, ~40 s to build) are cached."""
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
@@ -172,6 +182,7 @@ class DeepSpeedStrategy(Strategy):
         import deepspeed
 
         _quiet_deepspeed()
+        _prefer_venv_tools()
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
         return device
 
@@ -210,23 +221,22 @@ class DeepSpeedStrategy(Strategy):
 
     # -- checkpoints -----------------------------------------------------------------------------
     def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The full model with fp32 master values (all ranks must call: gathers are collective)."""
+        """The full model, trained parameters at their fp32 master values (every rank must call this:
+        the gathers are collective); tied entries stay one tensor's values."""
         from deepspeed.utils import safe_get_full_fp32_param
 
-        stage3 = self.cfg.distributed.zero_stage == 3
-        gather = _gathered(list(model.parameters())) if stage3 else nullcontext()
-        with gather:
-            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if shards_optimizer(self.cfg):
-            names = {id(p): n for n, p in model.named_parameters()}
-            for p in model.parameters():  # the same order on every rank
-                if p.requires_grad:
-                    full = safe_get_full_fp32_param(p)
-                    if full is not None:
-                        state[names[id(p)]] = full.detach().clone()
-        for k, v in list(state.items()):  # tied weights: the entries of one tensor must agree
-            state[k] = v.float() if v.is_floating_point() else v
-        return state
+        gather = _gathered(list(model.parameters())) if self.cfg.distributed.zero_stage == 3 else nullcontext()
+        with gather:  # ZeRO-3: every parameter whole for the duration
+            held = model.state_dict(keep_vars=True)
+            state = {k: v.detach().clone() for k, v in held.items()}
+        masters = {}
+        for p in model.parameters():  # unique parameters, the same order on every rank
+            if p.requires_grad:
+                full = safe_get_full_fp32_param(p)  # the optimizer's fp32 copy (bf16 modules hold a cast)
+                if full is not None:
+                    masters[id(p)] = full.detach().clone()
+        out = {k: masters.get(id(held[k]), state[k]) for k in state}
+        return {k: v.float() if v.is_floating_point() else v for k, v in out.items()}  # one dtype: fp32
 
     def save_checkpoint(self, ckpt: Checkpointer, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                         state: dict[str, Any], rank_state: dict[str, Any], config_yaml: str) -> Path:
@@ -247,8 +257,8 @@ class DeepSpeedStrategy(Strategy):
                        tmp / "train_state.pt")
             (tmp / "config.yaml").write_text(config_yaml)
         D.barrier()
-        if os.environ.get("LRPRETRAIN_FAULT_KILL_IN_SAVE") == str(step) and self.rank == 0:
-            os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the crash tests: files written, not committed
+        if os.environ.get("LRPRETRAIN_FAULT_KILL_IN_SAVE") == str(step):  # fault injection for the crash test:
+            os.kill(os.getpid(), signal.SIGKILL)  # every rank dies with its files written, before the commit
         path = D.on_main(lambda: _commit(ckpt, tmp, final, step, self.world_size))
         D.barrier()
         return Path(path)
@@ -355,6 +365,7 @@ def build_ops() -> None:
     from deepspeed.accelerator import get_accelerator
 
     _quiet_deepspeed()
+    _prefer_venv_tools()
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")  # the CPU all-reduce op
     if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         builder.load(verbose=False)
