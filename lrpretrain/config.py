@@ -20,7 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lrpretrain.errors import ConfigError, allowed, check
 
-CONF_GROUPS = ("model", "method", "data", "optim", "trainer", "experiment")
+CONF_GROUPS = ("model", "method", "data", "optim", "trainer", "distributed", "experiment")
 
 
 def _one_of(key: str, value: str, options: tuple[str, ...]) -> None:
@@ -156,6 +156,48 @@ class TrainerConfig:
         _one_of("trainer.per_layer_clip", self.per_layer_clip, PER_LAYER_CLIP)
 
 
+STRATEGIES = ("single", "ddp", "fsdp2", "deepspeed")
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class DistributedConfig:
+    """How the run is spread over processes (``conf/distributed/``; see lrpretrain/distributed/strategy.py).
+
+    Processes come from the launcher (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT);
+    ``single`` runs one process, ``ddp`` replicates the model and all-reduces gradients, ``fsdp2``
+    shards parameters, gradients and optimizer state per decoder block (``fully_shard``), ``deepspeed``
+    hands model and optimizer to a DeepSpeed engine (ZeRO stage ``zero_stage``).
+    """
+
+    strategy: str = "single"  # single | ddp | fsdp2 | deepspeed
+    backend: str = "auto"  # process-group backend: auto (nccl on CUDA, gloo on the CPU) | nccl | gloo
+    timeout_s: int = 1800  # collective timeout; a rank that dies makes the others fail after this
+    # data=global: every rank reads the one global stream and keeps its slice of each update's rows, so
+    # the rows of an update do not depend on the world size (same batches as single-process; exact
+    # resume on another world size). data=sharded: each rank reads its own shards (no rank tokenizes
+    # the others' text); resume needs the same world size.
+    data: str = "global"  # global | sharded
+    zero_stage: int = 1  # deepspeed: ZeRO stage 0-3
+    # fsdp2: MixedPrecisionPolicy. param_dtype: the dtype of the all-gathered parameters in forward and
+    # backward (the sharded master weights and the optimizer stay fp32); reduce_dtype: the gradient
+    # reduce-scatter's dtype.
+    param_dtype: str = "fp32"  # fp32 | bf16 | fp16
+    reduce_dtype: str = "fp32"  # fp32 | bf16 | fp16
+    reshard_after_forward: bool = True  # fsdp2: free gathered block parameters after forward (ZeRO-3); false: keep them to backward (ZeRO-2-like, more memory)
+    ddp_bucket_mb: int = 25  # ddp: gradient bucket size
+
+    def validate(self) -> None:
+        _one_of("distributed.strategy", self.strategy, STRATEGIES)  # each is a lrpretrain.distributed strategy
+        _one_of("distributed.backend", self.backend, ("auto", "nccl", "gloo"))
+        _one_of("distributed.data", self.data, ("global", "sharded"))
+        check(self.zero_stage in (0, 1, 2, 3), "distributed.zero_stage", self.zero_stage, "allowed: 0, 1, 2, 3")
+        _one_of("distributed.param_dtype", self.param_dtype, DTYPES)
+        _one_of("distributed.reduce_dtype", self.reduce_dtype, DTYPES)
+        check(self.timeout_s > 0, "distributed.timeout_s", self.timeout_s, "must be > 0")
+        check(self.ddp_bucket_mb > 0, "distributed.ddp_bucket_mb", self.ddp_bucket_mb, "must be > 0")
+
+
 @dataclass
 class EvalConfig:
     """How validation loss is reported (every ``trainer.eval_every`` updates and at the end).
@@ -203,6 +245,7 @@ class Config:
     data: DataConfig = MISSING
     optim: OptimConfig = MISSING
     trainer: TrainerConfig = MISSING
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -338,7 +381,7 @@ def to_typed(cfg: DictConfig) -> Config:
         OmegaConf.resolve(cfg)
     except Exception as e:
         raise ConfigError(f"cannot resolve config: {_first_line(e)}") from e
-    for section in ("model", "data", "optim", "trainer", "eval", "logging", "run"):
+    for section in ("model", "data", "optim", "trainer", "distributed", "eval", "logging", "run"):
         schema = {f.name: f for f in fields(Config)}[section].type
         schema_cls = globals()[schema] if isinstance(schema, str) else schema
         bad = _unknown_keys(cfg[section], schema_cls, section)
@@ -370,7 +413,7 @@ def to_typed(cfg: DictConfig) -> Config:
 
 def validate_config(cfg: Config, world_size: int = 1) -> None:
     """Section checks, then the checks that span sections."""
-    for section in (cfg.model, cfg.data, cfg.optim, cfg.trainer, cfg.eval, cfg.logging, cfg.method):
+    for section in (cfg.model, cfg.data, cfg.optim, cfg.trainer, cfg.distributed, cfg.eval, cfg.logging, cfg.method):
         if hasattr(section, "validate"):
             section.validate()
     if hasattr(cfg.method, "validate_for_model"):  # checks that need the model's shapes (e.g. rank <= min(m, n))
@@ -382,9 +425,9 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
     check(t.batch_size % per_step == 0, "trainer.batch_size", t.batch_size,
           f"must be a multiple of trainer.micro_batch_size x world_size = {t.micro_batch_size} x {world_size}")
     check(cfg.trainer.device != "cuda" or _cuda_available(), "trainer.device", "cuda", "no CUDA device is available")
-    check(not t.per_layer_update or world_size == 1, "trainer.per_layer_update", True,
-          f"per-layer updates need the whole gradient on one process, and there are {world_size} (under DDP the "
-          "gradient hooks fire before the all-reduce); use trainer.per_layer_update=false")
+    from lrpretrain.distributed.strategy import get_strategy
+
+    get_strategy(cfg.distributed.strategy).validate(cfg, world_size)  # combinations the strategy refuses
     if t.recompute == "method":
         from lrpretrain.methods import get_method
 

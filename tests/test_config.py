@@ -82,9 +82,9 @@ def test_bad_config_is_one_clear_line(overrides, expected):
 
 
 def test_batch_divisibility_counts_the_world_size():
-    load_config(["trainer.batch_size=16", "trainer.micro_batch_size=4"], world_size=2)
+    load_config(["trainer.batch_size=16", "trainer.micro_batch_size=4", "distributed=ddp"], world_size=2)
     with pytest.raises(ConfigError, match="4 x 3"):
-        load_config(["trainer.batch_size=16", "trainer.micro_batch_size=4"], world_size=3)
+        load_config(["trainer.batch_size=16", "trainer.micro_batch_size=4", "distributed=ddp"], world_size=3)
 
 
 def test_conf_dir_is_the_repository_conf():

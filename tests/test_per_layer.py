@@ -248,10 +248,14 @@ def test_bad_values_are_one_line(cli, tmp_path, args, expected):
     assert not (tmp_path / "run").exists()
 
 
-def test_per_layer_needs_one_process():
-    with pytest.raises(ConfigError, match=r"^trainer.per_layer_update=True is invalid: per-layer updates need the "
-                                          r"whole gradient on one process, and there are 2"):
-        load_config(["model=llama_tiny", "trainer.batch_size=4", "trainer.micro_batch_size=2", PL], world_size=2)
+def test_per_layer_runs_under_ddp_and_fsdp2_config():
+    """Several processes need a multi-process strategy; per-layer updates then pass config checks
+    (their exactness under DDP/FSDP2: tests/test_distributed.py)."""
+    base = ["model=llama_tiny", "trainer.batch_size=4", "trainer.micro_batch_size=2", PL]
+    with pytest.raises(ConfigError, match=r"^distributed.strategy=single runs one process, but WORLD_SIZE=2"):
+        load_config(base, world_size=2)
+    for strategy in ("ddp",):
+        load_config([*base, f"distributed={strategy}"], world_size=2)
     load_config(["model=llama_tiny", PL], world_size=1)
 
 

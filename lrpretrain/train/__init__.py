@@ -9,9 +9,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lrpretrain import distributed as D
 from lrpretrain.config import Config
 from lrpretrain.data import TokenStream, ValidationSet, load_tokenizer
-from lrpretrain.distributed import rank, world_size
+from lrpretrain.distributed.strategy import Strategy, build_strategy
 from lrpretrain.errors import ConfigError
 from lrpretrain.methods import get_method
 from lrpretrain.metrics import MetricsLogger
@@ -34,10 +35,17 @@ def resolve_device(cfg: Config) -> torch.device:
 def build_trainer(cfg: Config, resolved: DictConfig) -> Trainer:
     """Validate what needs the data; build data, model, method (recompute, per-layer updates) and
     optimizer; only then prepare the run dir and the logger."""
-    r, w = rank(), world_size()
+    return _build(cfg, resolved, build_strategy(cfg))
+
+
+def _build(cfg: Config, resolved: DictConfig, strategy: Strategy) -> Trainer:
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
-    device = resolve_device(cfg)
+    device = strategy.setup(resolve_device(cfg))
+    r, w = strategy.rank, strategy.world_size
+    # Every rank must use rank 0's run directory (run.dir may hold ${now:...}, resolved per process).
+    cfg.run.dir = D.broadcast_object(cfg.run.dir)
+    resolved.run.dir = cfg.run.dir
     run_dir = Path(cfg.run.dir)
 
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.eos_token, cfg.data.pad_token)
@@ -45,23 +53,32 @@ def build_trainer(cfg: Config, resolved: DictConfig) -> Trainer:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the {tokenizer.vocab_needed} ids "
                           f"of tokenizer {tokenizer.name} (data.tokenizer={cfg.data.tokenizer}); use a model whose "
                           "vocab_size covers it")
-    data = TokenStream(cfg.data, tokenizer, cfg.trainer.micro_batch_size, r, w, vocab_size=cfg.model.vocab_size)
+    data = strategy.data_stream(lambda mb, rank, world: TokenStream(cfg.data, tokenizer, mb, rank, world,
+                                                                    vocab_size=cfg.model.vocab_size),
+                                cfg.trainer.micro_batch_size)
     val = ValidationSet(cfg.data, tokenizer, r, w) if cfg.data.val_tokens > 0 and _has_validation(cfg) else None
 
     # Model, method and optimizer before the run directory: a combination they refuse leaves nothing behind.
     plugin = get_method(cfg.method.name)(cfg.method, cfg.model)
-    seed_everything(cfg.seed)
-    model = build_model(cfg.model, device)
-    model = plugin.prepare_model(model)
-    apply_recompute(model, cfg.trainer.recompute, cfg.trainer.recompute_every, plugin)
-    optimizer = plugin.build_optimizer(plugin.param_groups(model, cfg.optim), cfg.optim)
+
+    def build(dev: torch.device | str, reference: bool = False) -> torch.nn.Module:
+        """LLaMA + the method's surgery + recomputation, initialised from cfg.seed; on the meta device
+        nothing is allocated. ``reference``: with a throwaway method instance (a copy to load from)."""
+        method = get_method(cfg.method.name)(cfg.method, cfg.model) if reference else plugin
+        seed_everything(cfg.seed)
+        m = method.prepare_model(build_model(cfg.model, dev, materialize=torch.device(dev).type != "meta"))
+        apply_recompute(m, cfg.trainer.recompute, cfg.trainer.recompute_every, method)
+        return m
+
+    model = strategy.build_model(build)
+    optimizer = strategy.build_optimizer(model, lambda: plugin.build_optimizer(plugin.param_groups(model, cfg.optim),
+                                                                               cfg.optim))
     accum = cfg.trainer.batch_size // (cfg.trainer.micro_batch_size * w)
     per_layer = PerLayerUpdate(model, optimizer, cfg.trainer.per_layer_clip, cfg.optim.grad_clip, accum,
-                               graph_is_reusable(cfg.trainer.recompute)) if cfg.trainer.per_layer_update else None
+                               graph_is_reusable(cfg.trainer.recompute), strategy) if cfg.trainer.per_layer_update else None
+    forward = strategy.wrap(model, optimizer, per_layer is not None and per_layer.in_backward)
 
-    logs: list[str] = []
-    if r == 0:
-        prepare_run_dir(run_dir, resolved, cfg.trainer.resume, cfg.run.overwrite, logs.append)
+    logs: list[str] = D.on_main(lambda: _prepare_run_dir(run_dir, resolved, cfg))
     logger = MetricsLogger(cfg, run_dir, OmegaConf.to_container(resolved), cfg.trainer.max_steps, r)  # type: ignore[arg-type]
     for m in logs:
         logger.info(f"warning: {m}")
@@ -79,12 +96,12 @@ def build_trainer(cfg: Config, resolved: DictConfig) -> Trainer:
                     "than fp32 (29x on the CPU in benchmarks/results/README.md)")
     cost = plugin.cost(cfg.model, cfg.data.seq_len)
     trainer = Trainer(cfg, resolved, model, plugin, optimizer, data, val, run_dir, logger, device, accum,
-                      flops_per_token=cost["flops_per_token"], per_layer=per_layer)
+                      flops_per_token=cost["flops_per_token"], per_layer=per_layer, strategy=strategy, forward=forward)
     n_params, n_train = sum(p.numel() for p in model.parameters()), plugin.trainable_parameters(model)
     logger.info(f"run {run_dir} | model {cfg.model.name} ({n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable) | "
                 f"method {cfg.method.name} | data {cfg.data.name} ({cfg.data.mode}, seq {cfg.data.seq_len}) | "
                 f"{cfg.trainer.batch_size} seq/update = {accum} x {cfg.trainer.micro_batch_size} x {w} | "
-                f"device {device} | {trainer.precision}")
+                f"device {device} | {trainer.precision} | distributed.strategy={strategy.name}")
     if cfg.trainer.recompute != "none":
         k = cfg.trainer.recompute_every
         which = "" if cfg.trainer.recompute == "method" else " (every block)" if k == 1 else f" (blocks 0, {k}, {2 * k}, ...)"
@@ -94,15 +111,29 @@ def build_trainer(cfg: Config, resolved: DictConfig) -> Trainer:
     return trainer
 
 
+def _prepare_run_dir(run_dir: Path, resolved: DictConfig, cfg: Config) -> list[str]:
+    logs: list[str] = []
+    prepare_run_dir(run_dir, resolved, cfg.trainer.resume, cfg.run.overwrite, logs.append)
+    return logs
+
+
 def _has_validation(cfg: Config) -> bool:
     return cfg.data.source != "jsonl" or len(cfg.data.val_files) > 0
 
 
 def train(cfg: Config, resolved: DictConfig) -> dict[str, Any]:
     """Run (or resume) training to ``trainer.max_steps``; returns the last metrics record."""
-    trainer = build_trainer(cfg, resolved)
+    strategy = build_strategy(cfg)
+    ok = False
     try:
-        trainer.resume()
-        return trainer.fit()
+        trainer = _build(cfg, resolved, strategy)
+        try:
+            trainer.resume()
+            result = trainer.fit()
+            ok = True
+            return result
+        finally:
+            trainer.logger.close()
     finally:
-        trainer.logger.close()
+        # barrier + destroy on success; after an error another rank may never reach a barrier
+        strategy.cleanup() if ok else strategy.abort()

@@ -61,6 +61,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -98,12 +99,15 @@ class PerLayerUpdate:
     """Post-accumulate-grad hooks that step ``optimizer`` one parameter at a time inside the backward."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, clip: str, max_norm: float,
-                 accum_steps: int, reusable_graph: bool):
+                 accum_steps: int, reusable_graph: bool, strategy: Any = None):
         if not isinstance(optimizer, ParamwiseOptimizer):
             raise ConfigError(f"trainer.per_layer_update=True is invalid: the method's optimizer "
                               f"{type(optimizer).__name__} is not a lrpretrain.optim.ParamwiseOptimizer (no "
                               "per-parameter step_param); use trainer.per_layer_update=false")
         self.optimizer = optimizer
+        # distributed.strategy: makes each gradient global before it steps (DDP reduces it in the hook;
+        # FSDP2's hooks fire after the reduce-scatter) and takes norms across shards
+        self.strategy = strategy
         self.clip, self.max_norm = clip, max_norm
         self.reusable_graph = reusable_graph
         # With global clipping and accumulation every gradient is held until the last micro-batch anyway:
@@ -178,20 +182,25 @@ class PerLayerUpdate:
             self._phase = None
         return total_norm([n for n in self._norms if n is not None])
 
+    def _norm(self, g: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(g) if self.strategy is None else self.strategy.tensor_norm(g)
+
     @torch.no_grad()
     def _hook(self, p: torch.Tensor) -> None:
         if self._phase is None:  # an earlier micro-batch: let the gradient accumulate
             return
+        if self.strategy is not None:
+            self.strategy.per_layer_grad(p)
         g, i = p.grad, self._slot[id(p)]
         if self._phase == "norm":  # pass 1 of global: only the norm; free the gradient at once
-            self._norms[i] = torch.linalg.vector_norm(g)
+            self._norms[i] = self._norm(g)
             p.grad = None
             return
         if self._phase == "step":  # per_layer_clip=param: this gradient alone decides
             if self._blocked:
                 p.grad = None
                 return
-            self._norms[i] = norm = torch.linalg.vector_norm(g)
+            self._norms[i] = norm = self._norm(g)
             if not math.isfinite(norm):  # never apply it, nor any later parameter of this update
                 self._blocked = True
                 p.grad = None

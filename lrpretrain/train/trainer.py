@@ -25,14 +25,14 @@ from lrpretrain.checkpoint import Checkpointer
 from lrpretrain.config import Config
 from lrpretrain.data import TokenStream, ValidationSet
 from lrpretrain.distributed import all_reduce_sum, world_size
-from lrpretrain.errors import CheckpointError, UserError
+from lrpretrain.distributed.strategy import Strategy
+from lrpretrain.errors import UserError
 from lrpretrain.methods import Method, StepContext
 from lrpretrain.metrics import MetricsLogger
 from lrpretrain.model import lm_loss
 from lrpretrain.optim import lr_factor
 from lrpretrain.train.evaluate import evaluate
 from lrpretrain.train.per_layer import PerLayerUpdate
-from lrpretrain.train.per_layer import grad_norm as total_grad_norm
 from lrpretrain.train.rng import rng_state, set_rng_state
 
 
@@ -54,11 +54,14 @@ class Trainer:
     def __init__(self, cfg: Config, resolved: DictConfig, model: nn.Module, method: Method,
                  optimizer: torch.optim.Optimizer, data: TokenStream, val: ValidationSet | None,
                  run_dir: Path, logger: MetricsLogger, device: torch.device, accum_steps: int,
-                 flops_per_token: float = 0.0, per_layer: PerLayerUpdate | None = None):
+                 flops_per_token: float = 0.0, per_layer: PerLayerUpdate | None = None,
+                 strategy: Strategy | None = None, forward: nn.Module | None = None):
         self.cfg, self.tcfg = cfg, cfg.trainer
         self.resolved = resolved
-        self.model = model
-        self.forward = torch.compile(model) if cfg.trainer.compile else model
+        self.model = model  # unwrapped: what the method's hooks and checkpoints see
+        self.strategy = strategy or Strategy(cfg)  # distributed.strategy (lrpretrain/distributed/strategy.py)
+        forward = model if forward is None else forward  # the wrapped module (DDP, engine) or the model
+        self.forward = torch.compile(forward) if cfg.trainer.compile else forward
         self.method = method
         self.optimizer = optimizer
         for group in optimizer.param_groups:
@@ -79,41 +82,34 @@ class Trainer:
 
     # -- state -------------------------------------------------------------------------------
     def train_state(self) -> dict[str, Any]:
+        """Counters, schedule and method state (equal on every rank); model and optimizer are the strategy's."""
         return {
             "step": self.state.step, "tokens": self.state.tokens, "nonfinite": self.state.nonfinite,
             "consecutive_nonfinite": self.state.consecutive_nonfinite,
-            "optimizer": self.optimizer.state_dict(),
             "schedule": {"step": self.state.step, "max_steps": self.tcfg.max_steps},
-            "data": self.data.state_dict(),
-            "rng": rng_state(),
             "method": self.method.state_dict(),
         }
 
+    def rank_state(self) -> dict[str, Any]:
+        """This rank's own: data position and RNGs."""
+        return {"data": self.data.state_dict(), "rng": rng_state()}
+
     def save_checkpoint(self) -> Path:
-        path = self.ckpt.save(self.state.step, self.model.state_dict(), self.train_state(),
-                              OmegaConf.to_yaml(self.resolved))
+        path = self.strategy.save_checkpoint(self.ckpt, self.state.step, self.model, self.optimizer,
+                                             self.train_state(), self.rank_state(), OmegaConf.to_yaml(self.resolved))
         self.logger.info(f"checkpoint saved: {path}")
         return path
 
     def resume(self) -> None:
         """Load the checkpoint that ``trainer.resume`` names (auto: the newest complete one)."""
-        self.ckpt.remove_stale()
-        how = self.tcfg.resume
-        if how == "never":
-            return
-        loaded = self.ckpt.load_latest(lambda m: self.logger.info(f"warning: {m}")) if how == "auto" \
-            else Checkpointer.load(how)
+        loaded = self.strategy.load_checkpoint(self.ckpt, self.tcfg.resume, self.model, self.optimizer,
+                                               lambda m: self.logger.info(f"warning: {m}"))
         if loaded is None:
             return
-        try:
-            self.model.load_state_dict(loaded.model, strict=True)
-        except RuntimeError as e:
-            raise CheckpointError(f"checkpoint {loaded.path} does not fit this model: {str(e).splitlines()[0]}") from e
-        s = loaded.state
-        self.optimizer.load_state_dict(s["optimizer"])
-        self.data.load_state_dict(s["data"])
+        s, mine = loaded.state, loaded.rank_state
+        self.data.load_state_dict(mine["data"])
         self.method.load_state_dict(s["method"])
-        set_rng_state(s["rng"])
+        set_rng_state(mine["rng"])
         self.state = TrainState(s["step"], s["tokens"], s["nonfinite"], s["consecutive_nonfinite"])
         self.logger.info(f"resumed from {loaded.path} (step {self.state.step}, {self.state.tokens} tokens)")
 
@@ -129,29 +125,27 @@ class Trainer:
             group["lr"] = group["initial_lr"] * factor
 
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for i, b in enumerate(batches):
-            ls = self._loss(b)
+        strategy = self.strategy
+        for b in batches[:-1]:
+            with strategy.accumulating(last=False):
+                ls = self._loss(b)
+                loss_sum += ls.detach()
+                strategy.backward(ls / targets, last=False)
+        with strategy.accumulating(last=True):
+            ls = self._loss(batches[-1])
             loss_sum += ls.detach()
-            if i + 1 < len(batches):  # the last backward waits until the update's loss is known
-                (ls / targets).backward()
-        loss = float(all_reduce_sum(loss_sum) / targets)
-
-        if self.per_layer is not None and self.per_layer.in_backward:
-            # clip, guard and step each parameter inside this backward (lrpretrain/train/per_layer.py)
-            again = lambda: self._loss(batches[-1]) / targets  # noqa: E731  (pass 2 of the exact global clip)
-            out = self.per_layer.backward(ls / targets, math.isfinite(loss), again)
-            grad_norm, applied, stepped = out.grad_norm, out.applied, out.stepped
-        else:
-            (ls / targets).backward()
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            norm = total_grad_norm([p.grad for p in params])
-            if self.cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optim.grad_clip, norm)
-            grad_norm, stepped = float(norm), 0
-            applied = math.isfinite(loss) and math.isfinite(grad_norm)
-            if applied:
-                self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            # the last backward waits until the update's loss is known
+            loss = float(all_reduce_sum(loss_sum) / targets)
+            if self.per_layer is not None and self.per_layer.in_backward:
+                # clip, guard and step each parameter inside this backward (lrpretrain/train/per_layer.py)
+                again = lambda: strategy.scale_loss(self._loss(batches[-1]) / targets)  # noqa: E731  (pass 2 of the exact global clip)
+                out = self.per_layer.backward(strategy.scale_loss(ls / targets), math.isfinite(loss), again)
+                grad_norm, applied, stepped = out.grad_norm, out.applied, out.stepped
+            else:
+                strategy.backward(ls / targets, last=True)
+                step_out = strategy.clip_and_step(self.model, self.optimizer, self.cfg.optim.grad_clip, math.isfinite(loss))
+                grad_norm, applied, stepped = step_out.grad_norm, step_out.applied, 0
+        strategy.zero_grad(self.optimizer)
         record: dict[str, Any] = {"loss": loss, "grad_norm": grad_norm, "lr": self.cfg.optim.lr * factor}
         if applied:
             self.state.consecutive_nonfinite = 0
