@@ -225,7 +225,7 @@ def test_deepspeed_launcher_crash_mid_save_resumes_from_the_last_good_checkpoint
     assert "--local_rank=0" in log  # the launcher's argument reached the CLI, which accepted it
     assert "checkpoint saved" in log and "step_2" in log
     # the second start (in the worker launch) found step_2, dropped the partial step_4 and went on exactly
-    assert "resumed at step 2" in launches["crash_resume_log"]
+    assert f"resumed from {run / 'checkpoints' / 'step_2'} (step 2," in launches["crash_resume_log"]
     assert losses(run) == losses(launches["z2"])
     assert _same_weights(run, launches["z2"], 4)
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]

@@ -53,7 +53,7 @@ from torch import nn
 
 from lrpretrain import distributed as D
 from lrpretrain.checkpoint import FORMAT, _crc32, _fsync_dir, _fsync_file, atomic_write_text
-from lrpretrain.distributed.strategy import StepOutcome, Strategy, register_strategy
+from lrpretrain.distributed.strategy import Resumed, StepOutcome, Strategy, register_strategy
 from lrpretrain.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
@@ -264,7 +264,7 @@ class DeepSpeedStrategy(Strategy):
         return Path(path)
 
     def load_checkpoint(self, ckpt: Checkpointer, how: str, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        warn: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+                        warn: Callable[[str], None]) -> Resumed | None:
         D.on_main(ckpt.remove_stale)
         if how == "never":
             return None
@@ -289,7 +289,7 @@ class DeepSpeedStrategy(Strategy):
             mine = torch.load(path / f"rank_{self.rank}.pt", map_location="cpu", weights_only=True)
         except Exception as e:
             raise CheckpointError(f"checkpoint {path} is corrupt: {str(e).splitlines()[0]}") from e
-        return state, mine
+        return Resumed(path, state, mine)
 
 
 def _gathered(params: list[nn.Parameter]):
