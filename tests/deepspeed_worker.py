@@ -20,6 +20,8 @@ import torch.distributed as dist
 
 from lrpretrain.cli.main import main
 
+import lrp_test_plugins  # noqa: F401  (registers test_nan_forward)
+
 
 def run(jobs_file: Path) -> None:
     dist.init_process_group("gloo")

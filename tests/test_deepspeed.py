@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 from lrpretrain.cli.main import strip_local_rank
 from lrpretrain.config import load_config
 
-from conftest import REPO, TINY, USER_CACHE, losses
+import lrp_test_plugins  # noqa: F401  (registers test_nan_forward)
+from conftest import REPO, TINY, USER_CACHE, losses, read_metrics
 
 BASE = [*TINY, "trainer.threads=1"]  # two processes on two cores
 DS = [*BASE, "distributed=deepspeed"]
@@ -136,6 +137,8 @@ def launches(tmp_path_factory, corpus):
     job("lora_resumed", *LORA_RESUME, "trainer.max_steps=4")
     for m, (s, args) in METHODS.items():
         runs[m] = job(m, f"method={m}", *args, f"distributed.zero_stage={s}", "trainer.max_steps=3")
+    runs["nan"] = job("nan", "method=test_nan_forward", "method.nan_at=[2]", "distributed.zero_stage=2",
+                      "trainer.max_steps=3")
     runs["recompute"] = job("recompute", "distributed.zero_stage=3", "trainer.recompute=full", "trainer.max_steps=3")
     runs["bf16"] = job("bf16", "distributed.zero_stage=2", "trainer.precision=bf16", "trainer.max_steps=2")
     jobs_file = root / "jobs.json"
@@ -148,7 +151,7 @@ def launches(tmp_path_factory, corpus):
     for res in results:
         failed = [(j["args"][-1], j["errors"]) for j in res if j["code"] != 0]
         assert not failed, failed
-    runs["crash_resume_log"] = next(j["log"] for j in results[0] if j["args"][-1] == f"run.dir={crashed}")
+    runs["logs"] = {j["args"][-1].removeprefix("run.dir="): j["log"] for j in results[0]}  # the last of each run dir
     return runs
 
 
@@ -168,7 +171,7 @@ def single(tmp_path_factory, launches):
 
     root = tmp_path_factory.mktemp("single")
     out = {}
-    runs = {"full": ["trainer.max_steps=4"]}
+    runs = {"full": ["trainer.max_steps=4"], "nan": ["method=test_nan_forward", "method.nan_at=[2]", "trainer.max_steps=3"]}
     runs.update({m: [f"method={m}", *args, "trainer.max_steps=3"] for m, (_, args) in METHODS.items()})
     for name, args in runs.items():
         assert main(["train", *TINY, *args, f"run.dir={root / name}"]) == 0
@@ -199,12 +202,24 @@ def test_reparameterizations_run_under_zero(launches, single):
         assert sorted(run) == [1, 2, 3], m
         for k in ref:
             assert run[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6), (m, stage, k)
+    # ZeRO-3 leaves the module's parameters empty: the run line counts them before wrapping
+    assert "(2.49M params, 2.49M trainable)" in launches["logs"][str(launches["z3"])]
     # activation recomputation under ZeRO-3 (parameters gathered again for the recomputed forward)
     ref, run = losses(single["full"]), losses(launches["recompute"])
     assert sorted(run) == [1, 2, 3] and all(run[k] == pytest.approx(ref[k], rel=1e-5) for k in run)
     # LoRA with dropout under ZeRO-3 (frozen W0 partitioned too): exact resume includes each rank's RNG
     assert losses(launches["lora_resumed"]) == losses(launches["lora"])
     assert _same_weights(launches["lora"], launches["lora_resumed"], 4)
+
+
+@pytest.mark.slow
+def test_a_non_finite_update_is_skipped_as_in_one_process(launches, single):
+    """NaN logits at update 2: the engine sees a non-finite gradient norm and skips the update (no
+    parameter or optimizer state changes), so update 3 matches the single-process run that skipped too."""
+    ds, ref = read_metrics(launches["nan"]), read_metrics(single["nan"])
+    skipped = [r["step"] for r in ds if r.get("skipped")]
+    assert skipped == [2] == [r["step"] for r in ref if r.get("skipped")]
+    assert losses(launches["nan"])[3] == pytest.approx(losses(single["nan"])[3], rel=1e-5)
 
 
 @pytest.mark.slow
@@ -225,7 +240,7 @@ def test_deepspeed_launcher_crash_mid_save_resumes_from_the_last_good_checkpoint
     assert "--local_rank=0" in log  # the launcher's argument reached the CLI, which accepted it
     assert "checkpoint saved" in log and "step_2" in log
     # the second start (in the worker launch) found step_2, dropped the partial step_4 and went on exactly
-    assert f"resumed from {run / 'checkpoints' / 'step_2'} (step 2," in launches["crash_resume_log"]
+    assert f"resumed from {run / 'checkpoints' / 'step_2'} (step 2," in launches["logs"][str(run)]
     assert losses(run) == losses(launches["z2"])
     assert _same_weights(run, launches["z2"], 4)
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]
