@@ -139,6 +139,7 @@ def launches(tmp_path_factory, corpus):
         runs[m] = job(m, f"method={m}", *args, f"distributed.zero_stage={s}", "trainer.max_steps=3")
     runs["nan"] = job("nan", "method=test_nan_forward", "method.nan_at=[2]", "distributed.zero_stage=2",
                       "trainer.max_steps=3")
+    runs["accum"] = job("accum", "distributed.zero_stage=2", "trainer.batch_size=8", "trainer.max_steps=3")
     runs["recompute"] = job("recompute", "distributed.zero_stage=3", "trainer.recompute=full", "trainer.max_steps=3")
     runs["bf16"] = job("bf16", "distributed.zero_stage=2", "trainer.precision=bf16", "trainer.max_steps=2")
     jobs_file = root / "jobs.json"
@@ -171,7 +172,8 @@ def single(tmp_path_factory, launches):
 
     root = tmp_path_factory.mktemp("single")
     out = {}
-    runs = {"full": ["trainer.max_steps=4"], "nan": ["method=test_nan_forward", "method.nan_at=[2]", "trainer.max_steps=3"]}
+    runs = {"full": ["trainer.max_steps=4"], "nan": ["method=test_nan_forward", "method.nan_at=[2]", "trainer.max_steps=3"],
+            "accum": ["trainer.batch_size=8", "trainer.max_steps=3"]}
     runs.update({m: [f"method={m}", *args, "trainer.max_steps=3"] for m, (_, args) in METHODS.items()})
     for name, args in runs.items():
         assert main(["train", *TINY, *args, f"run.dir={root / name}"]) == 0
@@ -193,6 +195,16 @@ def test_zero_trains_like_one_process_and_resumes_exactly(launches, single, stag
     assert {"checkpoints/step_4/engine/" + ("zero_pp_rank_1_mp_rank_00_optim_states.pt")} <= files
     assert {f"checkpoints/step_4/{f}" for f in ("model.safetensors", "train_state.pt", "rank_0.pt", "rank_1.pt",
                                                "config.yaml", "meta.json")} <= files
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_matches_one_process(launches, single):
+    """2 micro-batches per rank and update (the engine's micro-step counter, ZeRO-2's per-micro-batch
+    reduction) == one process accumulating 4 micro-batches of the same global batch."""
+    ref, run = losses(single["accum"]), losses(launches["accum"])
+    assert sorted(run) == [1, 2, 3]
+    assert all(run[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6) for k in run)
+    assert "8 seq/update = 2 x 2 x 2" in launches["logs"][str(launches["accum"])]
 
 
 @pytest.mark.slow

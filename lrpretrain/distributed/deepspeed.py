@@ -72,11 +72,6 @@ def bf16(cfg: Config) -> bool:
     return t.precision == "bf16" or (t.precision == "auto" and t.device != "cpu" and torch.cuda.is_available())
 
 
-def shards_optimizer(cfg: Config) -> bool:
-    """Does the optimizer step flat fp32 partitions instead of the module's parameters? (ZeRO, or bf16)"""
-    return cfg.distributed.zero_stage >= 1 or bf16(cfg)
-
-
 def refusal(cfg: Config) -> str | None:
     """Why this config cannot train correctly under DeepSpeed (one line), or None."""
     from lrpretrain.methods import Method, get_method
@@ -124,17 +119,18 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     }
 
 
+class _ExpectedWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "untested optimizer" not in record.getMessage()  # ours, on purpose
+
+
 def _quiet_deepspeed() -> None:
     """DeepSpeed logs every engine detail at INFO on every rank; keep its warnings, drop the expected one."""
     from deepspeed.utils import logger
 
     logger.setLevel(logging.WARNING)
-
-    class _Expected(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return "untested optimizer" not in record.getMessage()
-
-    logger.addFilter(_Expected())
+    if not any(isinstance(f, _ExpectedWarnings) for f in logger.filters):
+        logger.addFilter(_ExpectedWarnings())
 
 
 def _prefer_venv_tools() -> None:
@@ -213,7 +209,7 @@ class DeepSpeedStrategy(Strategy):
         norm = float("nan") if norm is None else float(norm)
         applied = bool(self.engine.was_step_applied())
         if applied and not loss_is_finite:  # cannot happen (a non-finite loss has non-finite gradients)
-            raise CheckpointError("DeepSpeed applied an update whose loss was not finite; the weights are suspect")
+            raise RuntimeError("DeepSpeed applied an update whose loss was not finite; the weights are suspect")
         return StepOutcome(norm, applied)
 
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
@@ -259,7 +255,7 @@ class DeepSpeedStrategy(Strategy):
         D.barrier()
         if os.environ.get("LRPRETRAIN_FAULT_KILL_IN_SAVE") == str(step):  # fault injection for the crash test:
             os.kill(os.getpid(), signal.SIGKILL)  # every rank dies with its files written, before the commit
-        path = D.on_main(lambda: _commit(ckpt, tmp, final, step, self.world_size))
+        path = D.on_main(lambda: _commit(ckpt, tmp, final, step, self.world_size, self.cfg.distributed.zero_stage))
         D.barrier()
         return Path(path)
 
@@ -280,6 +276,10 @@ class DeepSpeedStrategy(Strategy):
             raise CheckpointError(f"checkpoint {path} holds DeepSpeed ZeRO partitions of {meta.get('world_size')} "
                                   f"processes and this run has {self.world_size}; resume with the same number of "
                                   "processes (or convert it with DeepSpeed's universal checkpoint tools)")
+        stage = self.cfg.distributed.zero_stage
+        if meta.get("zero_stage") != stage:
+            raise CheckpointError(f"checkpoint {path} was written with distributed.zero_stage={meta.get('zero_stage')} "
+                                  f"and this run has {stage}; resume with the same ZeRO stage")
         loaded, _ = self.engine.load_checkpoint(str(path), tag=ENGINE_TAG, load_module_strict=True,
                                                 load_optimizer_states=True, load_lr_scheduler_states=False)
         if loaded is None:
@@ -305,7 +305,7 @@ def _fresh_dir(path: Path) -> str:
     return str(path)
 
 
-def _commit(ckpt: Checkpointer, tmp: Path, final: Path, step: int, world_size: int) -> str:
+def _commit(ckpt: Checkpointer, tmp: Path, final: Path, step: int, world_size: int, zero_stage: int) -> str:
     """Rank 0, after every rank wrote its files into ``tmp``: fsync, meta.json last, rename into place."""
     files = {}
     for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
@@ -313,7 +313,8 @@ def _commit(ckpt: Checkpointer, tmp: Path, final: Path, step: int, world_size: i
         files[str(f.relative_to(tmp))] = {"bytes": f.stat().st_size, "crc32": _crc32(f) if ckpt.checksum else None}
     for d in sorted({f.parent for f in tmp.rglob("*") if f.is_file()}, key=lambda p: len(p.parts), reverse=True):
         _fsync_dir(d)
-    meta = {"format": FORMAT, "step": step, "engine": "deepspeed", "world_size": world_size, "files": files}
+    meta = {"format": FORMAT, "step": step, "engine": "deepspeed", "world_size": world_size, "zero_stage": zero_stage,
+            "files": files}
     with open(tmp / "meta.json", "w") as f:
         json.dump(meta, f, indent=1)
         f.flush()
