@@ -22,8 +22,11 @@ copies them back into the module after every step. So these are refused at confi
   per-layer updates (the engine owns backward and step), ``trainer.compile``, and
   ``zero_stage=0`` (plain data parallelism: ``distributed=ddp`` runs it natively, every method included).
 
-Full-rank training and the reparameterizations without periodic edits (lowrank, lora, sltrain) and
-the architectures (cola, cola_m, crnet) run at every stage.
+- models with 0-dim parameters (CR-Net's scalar gates): DeepSpeed's engine views every parameter as
+  bytes to broadcast it, which fails for scalars; refused when the model is built (:meth:`wrap`).
+
+Full-rank training, the reparameterizations without periodic edits (lowrank, lora, sltrain) and the
+CoLA architectures (cola, cola_m) run at every stage.
 
 Checkpoints (:meth:`DeepSpeedStrategy.save_checkpoint`): ``step_N/engine/`` is DeepSpeed's own
 ``save_checkpoint`` (module, fp32 partitions, optimizer state, one file per rank), next to our
@@ -185,6 +188,13 @@ class DeepSpeedStrategy(Strategy):
     # -- model and optimizer ---------------------------------------------------------------------
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, per_layer_in_backward: bool) -> nn.Module:
         import deepspeed
+
+        # Refused here, not at config time: only the built model shows it (before the run directory exists).
+        scalar = next((n for n, p in model.named_parameters() if p.dim() == 0), None)
+        if scalar is not None:
+            raise ConfigError(f"method '{self.cfg.method.name}' cannot run under distributed=deepspeed: its parameter "
+                              f"{scalar} is a 0-dim scalar, which DeepSpeed's engine cannot broadcast or partition; "
+                              "use distributed=ddp or fsdp2")
 
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                     config=deepspeed_config(self.cfg, self.world_size))
