@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from lrpretrain.checkpoint import Checkpointer
+from lrpretrain.checkpoint import Checkpointer, load_sharded_model
 from lrpretrain.config import from_yaml
 from lrpretrain.errors import CheckpointError, ConfigError
 
@@ -63,7 +63,7 @@ def generate_from_run(args: list[str]) -> str:
     method = get_method(cfg.method.name)(cfg.method, cfg.model)
     torch.manual_seed(g.seed)
     model = method.prepare_model(build_model(cfg.model, "cpu"))
-    model.load_state_dict(loaded.model)
+    model.load_state_dict(loaded.model if loaded.model is not None else load_sharded_model(loaded.path))
     model.eval()
     ids = torch.tensor([tok.tokenizer.encode(g.prompt, add_special_tokens=False).ids or [tok.eos_id]])
     gen = torch.Generator().manual_seed(g.seed)

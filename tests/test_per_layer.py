@@ -254,7 +254,7 @@ def test_per_layer_runs_under_ddp_and_fsdp2_config():
     base = ["model=llama_tiny", "trainer.batch_size=4", "trainer.micro_batch_size=2", PL]
     with pytest.raises(ConfigError, match=r"^distributed.strategy=single runs one process, but WORLD_SIZE=2"):
         load_config(base, world_size=2)
-    for strategy in ("ddp",):
+    for strategy in ("ddp", "fsdp2"):
         load_config([*base, f"distributed={strategy}"], world_size=2)
     load_config(["model=llama_tiny", PL], world_size=1)
 

@@ -2,7 +2,8 @@
 
 Layout of ``<run.dir>/checkpoints/``::
 
-    step_<N>/model.safetensors   the model's weights (as prepared by the method)
+    step_<N>/model.safetensors   the model's weights (as prepared by the method); or, from FSDP2,
+    step_<N>/dcp/                model and optimizer sharded by torch.distributed.checkpoint
     step_<N>/train_state.pt      optimizer, schedule, counters, data position, RNGs, method state
                                  (plain tensors and Python scalars: loads with weights_only=True)
     step_<N>/config.yaml         the resolved config of the run
@@ -21,6 +22,7 @@ import os
 import re
 import shutil
 import signal
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,7 @@ from lrpretrain.errors import CheckpointError
 
 FORMAT = 1
 FILES = ("model.safetensors", "train_state.pt", "config.yaml")
+SHARDED = "dcp"  # torch.distributed.checkpoint directory (model + optimizer) of FSDP2 checkpoints
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -83,7 +86,7 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class Loaded:
     path: Path
     step: int
-    model: dict[str, torch.Tensor]
+    model: dict[str, torch.Tensor] | None  # None: sharded (path/dcp, loaded by the FSDP2 strategy)
     state: dict[str, Any]
 
 
@@ -96,22 +99,35 @@ class Checkpointer:
     # -- writing -------------------------------------------------------------------------------
     def save(self, step: int, model_state: dict[str, torch.Tensor], train_state: dict[str, Any],
              config_yaml: str) -> Path:
+        tmp = self.begin(step)
+        save_file(_unshared(model_state), str(tmp / "model.safetensors"), metadata={"step": str(step)})
+        return self.commit(step, tmp, train_state, config_yaml)
+
+    def begin(self, step: int) -> Path:
+        """A fresh temporary directory for checkpoint ``step`` (several processes may write into it)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        final = self.root / f"step_{step}"
         tmp = self.root / f".tmp-step_{step}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file(_unshared(model_state), str(tmp / "model.safetensors"), metadata={"step": str(step)})
+        return tmp
+
+    def commit(self, step: int, tmp: Path, train_state: dict[str, Any], config_yaml: str) -> Path:
+        """Add train_state.pt and config.yaml to ``tmp`` (whose model files are written), record every
+        file's size and CRC32 in meta.json, and move it into place atomically."""
+        final = self.root / f"step_{step}"
         torch.save(train_state, tmp / "train_state.pt")
         if os.environ.get("LRPRETRAIN_FAULT_KILL_IN_SAVE") == str(step):  # fault injection for the crash tests
             os.kill(os.getpid(), signal.SIGKILL)
         (tmp / "config.yaml").write_text(config_yaml)
         files = {}
-        for name in FILES:
-            _fsync_file(tmp / name)
-            files[name] = {"bytes": (tmp / name).stat().st_size,
-                           "crc32": _crc32(tmp / name) if self.checksum else None}
-        meta = {"format": FORMAT, "step": step, "files": files}
+        for f in sorted(x for x in tmp.rglob("*") if x.is_file()):
+            name = f.relative_to(tmp).as_posix()
+            _fsync_file(f)
+            files[name] = {"bytes": f.stat().st_size, "crc32": _crc32(f) if self.checksum else None}
+        for d in {f.parent for f in tmp.rglob("*") if f.is_file()}:
+            _fsync_dir(d)
+        sharded = (tmp / SHARDED).is_dir()
+        meta = {"format": FORMAT, "step": step, "model": "dcp" if sharded else "safetensors", "files": files}
         with open(tmp / "meta.json", "w") as f:
             json.dump(meta, f, indent=1)
             f.flush()
@@ -163,7 +179,9 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {path} is corrupt: unreadable meta.json") from e
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"checkpoint {path} has format {meta.get('format')}, expected {FORMAT}")
-        for name in FILES:
+        sharded = meta.get("model") == "dcp"
+        required = ("train_state.pt", "config.yaml", f"{SHARDED}/.metadata") if sharded else FILES
+        for name in dict.fromkeys([*required, *files]):
             f = path / name
             info = files.get(name)
             if info is None or not f.exists():
@@ -180,7 +198,7 @@ class Checkpointer:
         path = Path(path)
         meta = cls.verify(path)
         try:
-            model = load_file(str(path / "model.safetensors"))
+            model = None if meta.get("model") == "dcp" else load_file(str(path / "model.safetensors"))
             state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
         except Exception as e:
             raise CheckpointError(f"checkpoint {path} is corrupt: {str(e).splitlines()[0]}") from e
@@ -194,3 +212,18 @@ class Checkpointer:
             except CheckpointError as e:
                 warn(f"{e}; falling back to an earlier checkpoint")
         return None
+
+
+def load_sharded_model(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The full model weights of a sharded (FSDP2, ``dcp/``) checkpoint, read in one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    checkpoint_id = str(Path(path) / SHARDED)
+    meta = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
+    model = {k.removeprefix("model."): torch.empty(m.size, dtype=m.properties.dtype)
+             for k, m in meta.items() if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": model}, checkpoint_id=checkpoint_id, no_dist=True)
+    return model

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard
 
 T = TypeVar("T")
 
@@ -80,3 +81,19 @@ def on_main(fn: Callable[[], T]) -> T:
         except TypeError:  # an exception class that cannot be built from one message
             raise RuntimeError(f"{cls.__name__} on rank 0: {msg}") from None
     return result
+
+
+def shard_rows(p: DTensor) -> slice:
+    """The rows of the full matrix that this rank's FSDP2 shard (``Shard(0)``, torch.chunk sizes) holds."""
+    (placement,) = p.placements
+    if placement != Shard(0):
+        raise ValueError(f"expected a parameter sharded on dim 0, got {p.placements}")
+    n, world, r = p.shape[0], p.device_mesh.size(), p.device_mesh.get_local_rank()
+    chunk = -(-n // world)
+    start = min(r * chunk, n)
+    return slice(start, start + p.to_local().shape[0])
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (sharing its storage), or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t

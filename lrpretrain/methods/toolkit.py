@@ -33,7 +33,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
+from lrpretrain.distributed import shard_rows
 from lrpretrain.errors import ConfigError
 from lrpretrain.methods.targets import expand_targets, select_targets, set_module
 
@@ -78,6 +80,10 @@ def kaiming_uniform_(t: torch.Tensor, generator: torch.Generator | None = None) 
     """``nn.Linear``'s default: Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     with fan_in = t.shape[1]. LoRA and ReLoRA initialise A this way."""
     bound = 1.0 / math.sqrt(t.shape[1])
+    if isinstance(t, DTensor):  # FSDP2: draw the whole matrix as one process would, keep this rank's rows
+        full = torch.empty(t.shape, dtype=t.dtype).uniform_(-bound, bound, generator=generator)
+        t.to_local().copy_(full[shard_rows(t)])
+        return t
     if generator is not None and generator.device != t.device:  # a CPU generator for a GPU tensor
         return t.copy_(torch.empty(t.shape, dtype=t.dtype).uniform_(-bound, bound, generator=generator))
     return t.uniform_(-bound, bound, generator=generator)
@@ -336,6 +342,8 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[tor
             t = state.get(key)
             if not isinstance(t, torch.Tensor) or t.numel() == 0:
                 continue
+            # FSDP2: the mask of the whole moment (magnitude quantiles are global), applied to this shard
+            shard, t = (t, t.full_tensor()) if isinstance(t, DTensor) else (None, t)
             if mode == "full" or ratio >= 1.0:
                 mask = torch.ones_like(t, dtype=torch.bool)
             elif mode == "magnitude":
@@ -346,7 +354,10 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[tor
                 mask = mask.view_as(t)
             else:
                 mask = torch.rand(t.shape, generator=generator, device="cpu").to(t.device) < ratio
-            t.masked_fill_(mask, 0)
+            if shard is None:
+                t.masked_fill_(mask, 0)
+            else:
+                shard.to_local().masked_fill_(mask[shard_rows(shard)], 0)
             zeroed += int(mask.sum())
             seen += t.numel()
         step = state.get("step")

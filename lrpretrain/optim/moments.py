@@ -25,7 +25,8 @@ State = dict[str, Any]
 def init_moments(state: State, like: torch.Tensor, bits: int) -> None:
     """Zero moments shaped like ``like`` (fp32, or 8-bit codes when ``bits == 8`` and it is large)."""
     drop_moments(state)
-    m = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+    # zeros_like keeps a DTensor a DTensor: under FSDP2 the moments of a shard are sharded alike
+    m = torch.zeros_like(like, dtype=torch.float32, memory_format=torch.contiguous_format)
     _store(state, m, torch.zeros_like(m), quant8.use_8bit(like.numel(), bits))
     state["adam_step"] = 0
 

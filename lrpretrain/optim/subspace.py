@@ -16,6 +16,10 @@ Everything a step needs is in ``self.state[p]`` (plain tensors and ints) and the
 ``step_param`` serves the global step and the per-layer (in-backward) step alike, and a checkpoint
 resumes exactly, also between two refreshes.
 
+Under FSDP2 (sharded DTensor parameters) each matrix's *full* gradient is all-gathered and projected
+(the projection, moments and update are then the single-process ones, replicated on every rank as
+plain tensors) and each rank applies its own rows of Δ; the non-projected parameters step their shard.
+
 Deliberate difference from the references: decoupled weight decay is applied before the update
 (W(1 - lr·λ) - Δ, as torch.optim.AdamW and FRUGAL do); GaLore's code applies it after (W - Δ, then
 times (1 - lr·λ)), a second-order difference, and every published GaLore run uses λ = 0.
@@ -26,7 +30,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
+from lrpretrain.distributed import shard_rows
 from lrpretrain.optim import moments
 from lrpretrain.optim.base import ParamwiseOptimizer
 from lrpretrain.optim.projector import PROJ_TYPES, Basis, next_seed, project, projected_shape, projection_side
@@ -98,6 +104,9 @@ class SubspaceAdam(ParamwiseOptimizer):
             self.dense_step(p, group)
             return
         G, state = p.grad, self.state[p]
+        rows = None
+        if isinstance(G, DTensor):  # FSDP2: project the whole gradient, apply this rank's rows of the update
+            G, rows = G.full_tensor(), shard_rows(p)
         if not state:
             state["step"] = 0
         rank = self.rank_of(p, group)
@@ -111,9 +120,11 @@ class SubspaceAdam(ParamwiseOptimizer):
         N, factor = moments.normalized(m, v, t, beta1, beta2, group["eps"], self.form)
         state["step"] += 1
         lr, wd = group["lr"], group["weight_decay"]
+        W = p if rows is None else p.to_local()
         if wd != 0:
-            p.mul_(1 - lr * wd)
-        p.sub_(self.update(p, group, state, G, R, N, P, Q, side, lr * factor).to(p.dtype))
+            W.mul_(1 - lr * wd)
+        delta = self.update(p, group, state, G, R, N, P, Q, side, lr * factor)
+        W.sub_((delta if rows is None else delta[rows]).to(W.dtype))
 
     def refresh(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], G: torch.Tensor,
                 side: str, rank: int) -> None:

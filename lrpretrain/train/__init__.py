@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from lrpretrain.config import Config
 from lrpretrain.data import TokenStream, ValidationSet, load_tokenizer
 from lrpretrain.distributed.strategy import Strategy, build_strategy
 from lrpretrain.errors import ConfigError
-from lrpretrain.methods import get_method
+from lrpretrain.methods import Method, get_method
 from lrpretrain.metrics import MetricsLogger
 from lrpretrain.model import build_model
 from lrpretrain.train.per_layer import PerLayerUpdate
@@ -30,6 +31,21 @@ def resolve_device(cfg: Config) -> torch.device:
     if cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+def model_builder(cfg: Config, plugin: Method) -> Callable[..., torch.nn.Module]:
+    """``build(device, reference=False)`` for :meth:`Strategy.build_model`."""
+
+    def build(dev: torch.device | str, reference: bool = False) -> torch.nn.Module:
+        """LLaMA + the method's surgery + recomputation, initialised from cfg.seed; on the meta device
+        nothing is allocated. ``reference``: with a throwaway method instance (a copy to load from)."""
+        method = get_method(cfg.method.name)(cfg.method, cfg.model) if reference else plugin
+        seed_everything(cfg.seed)
+        m = method.prepare_model(build_model(cfg.model, dev, materialize=torch.device(dev).type != "meta"))
+        apply_recompute(m, cfg.trainer.recompute, cfg.trainer.recompute_every, method)
+        return m
+
+    return build
 
 
 def build_trainer(cfg: Config, resolved: DictConfig) -> Trainer:
@@ -60,17 +76,7 @@ def _build(cfg: Config, resolved: DictConfig, strategy: Strategy) -> Trainer:
 
     # Model, method and optimizer before the run directory: a combination they refuse leaves nothing behind.
     plugin = get_method(cfg.method.name)(cfg.method, cfg.model)
-
-    def build(dev: torch.device | str, reference: bool = False) -> torch.nn.Module:
-        """LLaMA + the method's surgery + recomputation, initialised from cfg.seed; on the meta device
-        nothing is allocated. ``reference``: with a throwaway method instance (a copy to load from)."""
-        method = get_method(cfg.method.name)(cfg.method, cfg.model) if reference else plugin
-        seed_everything(cfg.seed)
-        m = method.prepare_model(build_model(cfg.model, dev, materialize=torch.device(dev).type != "meta"))
-        apply_recompute(m, cfg.trainer.recompute, cfg.trainer.recompute_every, method)
-        return m
-
-    model = strategy.build_model(build)
+    model = strategy.build_model(model_builder(cfg, plugin))
     optimizer = strategy.build_optimizer(model, lambda: plugin.build_optimizer(plugin.param_groups(model, cfg.optim),
                                                                                cfg.optim))
     accum = cfg.trainer.batch_size // (cfg.trainer.micro_batch_size * w)

@@ -66,6 +66,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lrpretrain.distributed import local
 from lrpretrain.errors import ConfigError
 from lrpretrain.optim import ParamwiseOptimizer
 
@@ -206,9 +207,9 @@ class PerLayerUpdate:
                 p.grad = None
                 return
             if self.max_norm > 0:
-                g.mul_(clip_coefficient(self.max_norm, norm))
+                local(g).mul_(clip_coefficient(self.max_norm, norm))
         elif self._coef is not None:  # pass 2 of global: the norm is known
-            g.mul_(self._coef)
+            local(g).mul_(self._coef)
         self.optimizer.step_param(p, self.optimizer.group_of(p))
         self._stepped += 1
         p.grad = None

@@ -223,7 +223,10 @@ class Trainer:
                 if is_eval or step % t.log_every == 0 or step == t.max_steps:
                     self.logger.log(record)
                 last = record
-                stop = self._stop_signal is not None
+                # every rank must stop (and checkpoint, a collective) at the same update
+                stop = bool(all_reduce_sum(torch.tensor(int(self._stop_signal is not None), device=self.device)))
+                if stop and self._stop_signal is None:
+                    self._stop_signal = "a signal on another rank"
                 if stop or step == t.max_steps or (t.ckpt_every and step % t.ckpt_every == 0):
                     self.save_checkpoint()
                 if stop:
