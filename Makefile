@@ -6,6 +6,10 @@ BIN := $(VENV)/bin
 # anywhere else PyPI's build of that version (CUDA on Linux). Override: make setup TORCH=torch==X.Y
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
+# DeepSpeed JIT-compiles its CPU comm op on first use (~40 s); a cache outside the checkout keeps it
+# across runs and fresh clones (CI)
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/lrpretrain/torch_extensions
+export PATH := $(abspath $(BIN)):$(PATH)  # pip's ninja for those builds
 DEMO_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: setup demo test test-fast lint clean
@@ -14,6 +18,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev,slurm]"
+	$(BIN)/python -m lrpretrain.distributed.deepspeed  # build DeepSpeed's JIT op now (cached)
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -144,3 +144,31 @@ class PlainSGD(Method):
         import torch
 
         return torch.optim.SGD(groups, lr=optim_cfg.lr)
+
+
+@dataclass
+class NanForwardConfig(MethodConfig):
+    nan_at: list[int] = field(default_factory=list)  # updates (1-based) whose forward returns NaN logits
+
+
+@register_method("test_nan_forward")
+class NanForward(Method):
+    """Full-rank training with NaN logits at the given updates. It has no ``after_step`` (it learns the
+    update from ``lr_factor``), so engines that refuse after_step hooks (DeepSpeed's ZeRO) accept it."""
+
+    Config = NanForwardConfig
+
+    def __init__(self, cfg, model_cfg):
+        super().__init__(cfg, model_cfg)
+        self.update = 0
+
+    def prepare_model(self, model):
+        def poison(module, _inputs, out):
+            return out * float("nan") if module.training and self.update in self.cfg.nan_at else out
+
+        model.register_forward_hook(poison)
+        return model
+
+    def lr_factor(self, step):
+        self.update = step + 1  # called once per update, before its forward
+        return 1.0

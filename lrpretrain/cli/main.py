@@ -88,8 +88,26 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
 }
 
 
+def strip_local_rank(argv: list[str]) -> list[str]:
+    """The ``deepspeed`` launcher appends ``--local_rank=N`` to every process's arguments; the rank also
+    comes in the environment (LOCAL_RANK), so the argument is dropped (after filling the environment
+    if a launcher left it out)."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+        elif a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            i += 1
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = strip_local_rank(sys.argv[1:] if argv is None else list(argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print("usage:\n" + USAGE)
         return 0 if argv else 2

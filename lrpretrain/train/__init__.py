@@ -82,6 +82,8 @@ def _build(cfg: Config, resolved: DictConfig, strategy: Strategy) -> Trainer:
     accum = cfg.trainer.batch_size // (cfg.trainer.micro_batch_size * w)
     per_layer = PerLayerUpdate(model, optimizer, cfg.trainer.per_layer_clip, cfg.optim.grad_clip, accum,
                                graph_is_reusable(cfg.trainer.recompute), strategy) if cfg.trainer.per_layer_update else None
+    # counted before wrapping: DeepSpeed ZeRO-3 leaves the module's parameters empty outside forward/backward
+    n_params, n_train = sum(p.numel() for p in model.parameters()), plugin.trainable_parameters(model)
     forward = strategy.wrap(model, optimizer, per_layer is not None and per_layer.in_backward)
 
     logs: list[str] = D.on_main(lambda: _prepare_run_dir(run_dir, resolved, cfg))
@@ -103,7 +105,6 @@ def _build(cfg: Config, resolved: DictConfig, strategy: Strategy) -> Trainer:
     cost = plugin.cost(cfg.model, cfg.data.seq_len)
     trainer = Trainer(cfg, resolved, model, plugin, optimizer, data, val, run_dir, logger, device, accum,
                       flops_per_token=cost["flops_per_token"], per_layer=per_layer, strategy=strategy, forward=forward)
-    n_params, n_train = sum(p.numel() for p in model.parameters()), plugin.trainable_parameters(model)
     logger.info(f"run {run_dir} | model {cfg.model.name} ({n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable) | "
                 f"method {cfg.method.name} | data {cfg.data.name} ({cfg.data.mode}, seq {cfg.data.seq_len}) | "
                 f"{cfg.trainer.batch_size} seq/update = {accum} x {cfg.trainer.micro_batch_size} x {w} | "
