@@ -45,3 +45,21 @@ def test_ddp_without_torchrun_is_one_line(cli, tmp_path, monkeypatch):
     assert r.error_lines == ["lrpretrain: error: distributed.strategy=ddp needs a process group: launch with torchrun "
                              "(torchrun --nproc_per_node=N -m lrpretrain.cli.main train ...)"]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_of_another_engine_is_one_line(cli, tmp_path):
+    """A DeepSpeed checkpoint (ZeRO partitions) given to a single-process run: one line, no traceback."""
+    import json
+
+    from test_errors import one_line
+
+    src = tmp_path / "src"
+    r = cli("train", *TINY, "trainer.threads=1", "trainer.max_steps=2", "trainer.ckpt_every=2",
+            "data.val_tokens=0", f"run.dir={src}")
+    assert r.code == 0, r.err
+    ckpt = src / "checkpoints" / "step_2"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    (ckpt / "meta.json").write_text(json.dumps({**meta, "engine": "deepspeed", "zero_stage": 2, "world_size": 2}))
+    r = cli("train", *TINY, "trainer.threads=1", "trainer.max_steps=4", "data.val_tokens=0",
+            f"run.dir={tmp_path / 'dst'}", f"trainer.resume={ckpt}")
+    one_line(r, "was written by distributed=deepspeed (ZeRO stage 2, 2 processes); resume it with that strategy")

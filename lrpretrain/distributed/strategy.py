@@ -49,6 +49,7 @@ The base class is the single-process strategy and ``single`` is it, unchanged.
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
 from collections.abc import Callable
@@ -279,6 +280,7 @@ class Strategy:
         path = D.on_main(lambda: _latest_verified(ckpt, warn) if how == "auto" else _verified(how))
         if path is None:
             return None
+        _refuse_other_engines(path, self.name)
         loaded = Checkpointer.load(path)
         try:
             model.load_state_dict(loaded.model, strict=True)
@@ -328,3 +330,16 @@ def check_single(name: str, world_size: int) -> None:
 
 
 register_strategy("single")(Strategy)
+
+
+def _refuse_other_engines(path: str | Path, strategy: str) -> None:
+    """One clear line when a checkpoint holds another engine's state (DeepSpeed's ZeRO partitions, FSDP2's
+    sharded DCP files) that this strategy cannot read."""
+    meta = json.loads((Path(path) / "meta.json").read_text())
+    if meta.get("engine") == "deepspeed":
+        raise CheckpointError(f"checkpoint {path} was written by distributed=deepspeed (ZeRO stage "
+                              f"{meta.get('zero_stage')}, {meta.get('world_size')} processes); resume it with that "
+                              f"strategy, not distributed.strategy={strategy}")
+    if meta.get("model") == "dcp":
+        raise CheckpointError(f"checkpoint {path} is a sharded FSDP2 checkpoint (dcp/); resume it with "
+                              f"distributed=fsdp2, not distributed.strategy={strategy}")
