@@ -298,9 +298,9 @@ def crnet_saved_bytes(model_cfg: ModelConfig, rank: int, targets: list[str], gro
 
 @register_method("crnet")
 class CRNet(Method):
+    """CR-Net: dense layer 1, cross-layer low-rank residual projections after it."""
     unsupported_strategies = {
         "fsdp2": "its cross-layer gate beta is a 0-d parameter, and fully_shard cannot shard scalars"}
-    """CR-Net: dense layer 1, cross-layer low-rank residual projections after it."""
 
     Config = CRNetConfig
 

@@ -181,10 +181,10 @@ class SpectralLinear(Reparameterized):
 
 @register_method("sst")
 class SST(Method):
+    """Sparse Spectral Training: all singular values and r sampled singular-vector pairs per round."""
     unsupported_strategies = {
         "fsdp2": "its after-step resampling splices sampled singular vectors into the frozen bases by column "
                  "index (index_copy over whole matrices), which is not implemented on sharded parameters"}
-    """Sparse Spectral Training: all singular values and r sampled singular-vector pairs per round."""
 
     Config = SSTConfig
     cfg: SSTConfig

@@ -211,10 +211,10 @@ class SwitchLoRALinear(LoRALinear):
 
 @register_method("switchlora")
 class SwitchLoRA(Method):
+    """LoRA from scratch with switched vectors; frozen W0, trained A, B and every non-target parameter."""
     unsupported_strategies = {
         "fsdp2": "its VectorwiseAdamW keeps per-row/column step counters and freezes and restarts single vectors "
                  "of the moments, which is not implemented on sharded (DTensor) state"}
-    """LoRA from scratch with switched vectors; frozen W0, trained A, B and every non-target parameter."""
 
     Config = SwitchLoRAConfig
     cfg: SwitchLoRAConfig
