@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent
 COMMON = [*TINY, "trainer.threads=1", "trainer.max_steps=4", "trainer.ckpt_every=2", "logging.progress=none"]
 GALORE = ["method=galore", "method.rank=8", "method.update_proj_gap=2"]
+CRNET = ["method=crnet", "method.rank=8"]
 RELORA = ["method=relora", "method.rank=8", "method.lora_dropout=0", "method.merge_every=2",
           "method.restart_warmup_steps=0"]
 PER_LAYER = ["trainer.per_layer_update=true"]
@@ -68,7 +69,8 @@ def runs(tmp_path_factory, corpus) -> Path:
         job("fsdp2_relora", "distributed=fsdp2", *RELORA),
         # rank 0 refuses the existing run directory: every rank must stop with its line, no hang
         job("refused_rundir", "distributed=ddp", "trainer.resume=never", run="ddp"),
-        job("refused_method", "distributed=fsdp2", "method=crnet", "method.rank=8"),
+        job("refused_method", "distributed=fsdp2", "method=crnet", "method.rank=8", "trainer.recompute=method"),
+        job("fsdp2_crnet", "distributed=fsdp2", *CRNET),
         {**job("signal", "distributed=fsdp2", "method=test_kill"),
          "env": {"LRP_TEST_SIGNAL_AT": "3", "LRP_TEST_SIGNAL_RANK": "1"}},
     ]
@@ -83,7 +85,7 @@ def single(tmp_path_factory, corpus) -> Path:
     from lrpretrain.cli.main import main
 
     root = tmp_path_factory.mktemp("single")
-    for name, args in {"full": [], "galore": GALORE, "relora": RELORA}.items():
+    for name, args in {"full": [], "galore": GALORE, "relora": RELORA, "crnet": CRNET}.items():
         assert main(["train", *COMMON, f"run.dir={root / name}", *args]) == 0
     return root
 
@@ -121,6 +123,11 @@ def test_relora_merges_under_fsdp2(runs, single):
     assert close(losses(runs / "fsdp2_relora"), losses(single / "relora"))
 
 
+def test_crnet_under_fsdp2(runs, single):
+    """CR-Net's cross-layer carries pass between sharded blocks; its 1-element gates β are sharded too."""
+    assert close(losses(runs / "fsdp2_crnet"), losses(single / "crnet"))
+
+
 def test_fsdp2_checkpoints_are_sharded_dcp(runs):
     ckpt = runs / "fsdp2" / "checkpoints" / "step_4"
     meta = json.loads((ckpt / "meta.json").read_text())
@@ -144,7 +151,7 @@ def test_refusals_reach_every_rank(runs):
             "trainer.resume=auto to continue it, another run.dir, or run.overwrite=true to replace it"]
         assert r["refused_method"]["code"] == 2
         assert r["refused_method"]["errors"][0].startswith(
-            "lrpretrain: error: method=crnet is not supported with distributed.strategy=fsdp2: its cross-layer gate")
+            "lrpretrain: error: method=crnet is not supported with distributed.strategy=fsdp2: its recomputation")
 
 
 def test_fsdp2_sigkill_then_exact_resume(runs, tmp_path):

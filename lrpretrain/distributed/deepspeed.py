@@ -22,11 +22,13 @@ copies them back into the module after every step. So these are refused at confi
   per-layer updates (the engine owns backward and step), ``trainer.compile``, and
   ``zero_stage=0`` (plain data parallelism: ``distributed=ddp`` runs it natively, every method included).
 
-- models with 0-dim parameters (CR-Net's scalar gates): DeepSpeed's engine views every parameter as
-  bytes to broadcast it, which fails for scalars; refused when the model is built (:meth:`wrap`).
+- models with 0-dim parameters (a third-party plugin's scalars): DeepSpeed's engine views every
+  parameter as bytes to broadcast it, which fails for scalars; refused when the model is built
+  (:meth:`wrap`). CR-Net's gates are 1-element vectors for this reason.
+- what a method's own ``strategy_refusal`` names (CR-Net's recomputation under ZeRO-3).
 
 Full-rank training, the reparameterizations without periodic edits (lowrank, lora, sltrain) and the
-CoLA architectures (cola, cola_m) run at every stage.
+architectures (cola, cola_m, crnet) run at every stage.
 
 Checkpoints (:meth:`DeepSpeedStrategy.save_checkpoint`): ``step_N/engine/`` is DeepSpeed's own
 ``save_checkpoint`` (module, fp32 partitions, optimizer state, one file per rank), next to our
@@ -87,6 +89,9 @@ def refusal(cfg: Config) -> str | None:
         return "trainer.compile=true is not supported with distributed=deepspeed (the engine wraps the module); use trainer.compile=false"
     zero = f"ZeRO-{stage} hands the optimizer flat 1-D fp32 partitions of all parameters, not the module's parameters"
     plugin = type(get_method(name)(cfg.method, cfg.model))
+    why = plugin.strategy_refusal("deepspeed", cfg)
+    if why:
+        return f"method '{name}' cannot run under distributed=deepspeed: {why}; use distributed=ddp"
     if plugin.build_optimizer is not Method.build_optimizer:
         return (f"method '{name}' cannot run under distributed=deepspeed: its optimizer needs each parameter whole "
                 f"(2-D gradients to project, per-row or per-column state), but {zero}; use distributed=ddp or fsdp2")

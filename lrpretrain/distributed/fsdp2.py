@@ -82,7 +82,7 @@ class FSDP2(Strategy):
     @classmethod
     def validate(cls, cfg: Config, world_size: int) -> None:
         super().validate(cfg, world_size)
-        why = get_method(cfg.method.name).unsupported_strategies.get("fsdp2")
+        why = get_method(cfg.method.name).strategy_refusal("fsdp2", cfg)
         if why:
             raise ConfigError(f"method={cfg.method.name} is not supported with distributed.strategy=fsdp2: {why}; "
                               "use distributed=ddp")

@@ -55,6 +55,12 @@ class Method:
     # with it; see lrpretrain/distributed/)
     unsupported_strategies: ClassVar[dict[str, str]] = {}
 
+    @classmethod
+    def strategy_refusal(cls, strategy: str, cfg: Any) -> str | None:
+        """Why this method cannot train correctly under ``distributed.strategy=strategy`` with this config
+        (one line, shown at config time), or None. Default: ``unsupported_strategies``."""
+        return cls.unsupported_strategies.get(strategy)
+
     def __init__(self, cfg: MethodConfig, model_cfg: ModelConfig):
         self.cfg = cfg
         self.model_cfg = model_cfg

@@ -30,7 +30,7 @@ and introduction were retrievable; the reported C4 perplexities 32.76/23.74/17.0
 - rank ≈ d/4 per size (128/256/256/512/1024), as CoLA and GaLore: about half the dense parameters.
 - Optimizer: plain AdamW with CoLA's recipe (lr 0.006/0.003/0.003/0.002/0.001, weight decay 0.01,
   clipping 0.5, warmup 2K/2K/6K/10K/15K): the closest published recipe for a from-scratch
-  architecture of about half the parameters. β is a 0-d parameter: no weight decay (decay would pull
+  architecture of about half the parameters. β is a 1-element parameter: no weight decay (decay would pull
   the cross-layer path towards ε).
 
 Recomputation (``recompute_policy()``, for ``trainer.recompute=method``); the paper's own scheme was
@@ -104,7 +104,8 @@ class CrossLayerLinear(Reparameterized):
         self.in_features, self.out_features, self.rank, self.eps = in_features, out_features, rank, eps
         self.A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
-        self.beta = nn.Parameter(torch.full((), beta_init, device=device, dtype=dtype))  # β
+        # β is a 1-element vector, not a 0-d scalar: FSDP2 and DeepSpeed shard and broadcast only tensors with a dim
+        self.beta = nn.Parameter(torch.full((1,), beta_init, device=device, dtype=dtype))  # β
         std = (init_std**2 / rank) ** 0.25  # an entry of A·B then has std init_std
         with torch.no_grad():
             nn.init.normal_(self.A, std=std)
@@ -299,10 +300,17 @@ def crnet_saved_bytes(model_cfg: ModelConfig, rank: int, targets: list[str], gro
 @register_method("crnet")
 class CRNet(Method):
     """CR-Net: dense layer 1, cross-layer low-rank residual projections after it."""
-    unsupported_strategies = {
-        "fsdp2": "its cross-layer gate beta is a 0-d parameter, and fully_shard cannot shard scalars"}
 
     Config = CRNetConfig
+
+    @classmethod
+    def strategy_refusal(cls, strategy: str, cfg) -> str | None:
+        sharded = strategy == "fsdp2" or (strategy == "deepspeed" and cfg.distributed.zero_stage == 3)
+        if sharded and cfg.trainer.recompute == "method":
+            return ("its recomputation (trainer.recompute=method) rebuilds a group of layers in one autograd function "
+                    "that spans several sharded blocks, whose parameters are gathered only block by block "
+                    "(trainer.recompute=none works)")
+        return None
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         if not isinstance(model, LLaMA):
