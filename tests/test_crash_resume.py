@@ -17,7 +17,8 @@ from conftest import TINY, losses, read_metrics, spawn_cli
 
 pytestmark = pytest.mark.slow
 
-ARGS = [*TINY, "trainer.batch_size=8", "trainer.micro_batch_size=4", "trainer.max_steps=40", "trainer.ckpt_every=8",
+# one thread in the child and in this process alike: a resume continues bit for bit on the same thread count
+ARGS = [*TINY, "trainer.threads=1", "trainer.batch_size=8", "trainer.micro_batch_size=4", "trainer.max_steps=40", "trainer.ckpt_every=8",
         "trainer.keep_last=3", "trainer.eval_every=16"]
 
 

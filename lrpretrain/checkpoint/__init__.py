@@ -114,20 +114,25 @@ class Checkpointer:
     def commit(self, step: int, tmp: Path, train_state: dict[str, Any], config_yaml: str) -> Path:
         """Add train_state.pt and config.yaml to ``tmp`` (whose model files are written), record every
         file's size and CRC32 in meta.json, and move it into place atomically."""
-        final = self.root / f"step_{step}"
         torch.save(train_state, tmp / "train_state.pt")
         if os.environ.get("LRPRETRAIN_FAULT_KILL_IN_SAVE") == str(step):  # fault injection for the crash tests
             os.kill(os.getpid(), signal.SIGKILL)
         (tmp / "config.yaml").write_text(config_yaml)
+        return self.seal(step, tmp, {"model": "dcp" if (tmp / SHARDED).is_dir() else "safetensors"})
+
+    def seal(self, step: int, tmp: Path, about: dict[str, Any]) -> Path:
+        """Make the complete ``tmp`` checkpoint ``step_<step>``: fsync every file, record each one's size and
+        CRC32 in meta.json (with ``about``: what wrote it), written last, then rename it into place and
+        point ``latest`` at it. A crash before the rename leaves the previous checkpoints untouched."""
+        final = self.root / f"step_{step}"
         files = {}
         for f in sorted(x for x in tmp.rglob("*") if x.is_file()):
-            name = f.relative_to(tmp).as_posix()
             _fsync_file(f)
-            files[name] = {"bytes": f.stat().st_size, "crc32": _crc32(f) if self.checksum else None}
-        for d in {f.parent for f in tmp.rglob("*") if f.is_file()}:
+            files[f.relative_to(tmp).as_posix()] = {"bytes": f.stat().st_size,
+                                                    "crc32": _crc32(f) if self.checksum else None}
+        for d in sorted({f.parent for f in tmp.rglob("*") if f.is_file()}, key=lambda p: len(p.parts), reverse=True):
             _fsync_dir(d)
-        sharded = (tmp / SHARDED).is_dir()
-        meta = {"format": FORMAT, "step": step, "model": "dcp" if sharded else "safetensors", "files": files}
+        meta = {"format": FORMAT, "step": step, **about, "files": files}
         with open(tmp / "meta.json", "w") as f:
             json.dump(meta, f, indent=1)
             f.flush()

@@ -45,7 +45,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -57,7 +56,6 @@ import torch
 from torch import nn
 
 from lrpretrain import distributed as D
-from lrpretrain.checkpoint import FORMAT, _crc32, _fsync_dir, _fsync_file, atomic_write_text
 from lrpretrain.distributed.strategy import Resumed, StepOutcome, Strategy, register_strategy
 from lrpretrain.errors import CheckpointError, ConfigError
 
@@ -255,9 +253,7 @@ class DeepSpeedStrategy(Strategy):
 
         from lrpretrain.checkpoint import _unshared
 
-        root = ckpt.root
-        final = root / f"step_{step}"
-        tmp = Path(D.on_main(lambda: _fresh_dir(root / f".tmp-step_{step}-{os.getpid()}")))
+        tmp = Path(D.on_main(lambda: str(ckpt.begin(step))))
         # DeepSpeed's part: every rank writes its partitions (and barriers inside)
         self.engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, client_state={"step": step}, save_latest=False)
         full = self.model_state(model)
@@ -270,19 +266,16 @@ class DeepSpeedStrategy(Strategy):
         D.barrier()
         if os.environ.get("LRPRETRAIN_FAULT_KILL_IN_SAVE") == str(step):  # fault injection for the crash test:
             os.kill(os.getpid(), signal.SIGKILL)  # every rank dies with its files written, before the commit
-        path = D.on_main(lambda: _commit(ckpt, tmp, final, step, self.world_size, self.cfg.distributed.zero_stage))
+        about = {"engine": "deepspeed", "world_size": self.world_size, "zero_stage": self.cfg.distributed.zero_stage}
+        path = D.on_main(lambda: str(ckpt.seal(step, tmp, about)))
         D.barrier()
         return Path(path)
 
     def load_checkpoint(self, ckpt: Checkpointer, how: str, model: nn.Module, optimizer: torch.optim.Optimizer,
                         warn: Callable[[str], None]) -> Resumed | None:
-        D.on_main(ckpt.remove_stale)
-        if how == "never":
+        path = self.find_checkpoint(ckpt, how, warn)
+        if path is None:
             return None
-        found = D.on_main(lambda: _latest_verified(ckpt, warn) if how == "auto" else str(verify(Path(how))))
-        if found is None:
-            return None
-        path = Path(found)
         meta = json.loads((path / "meta.json").read_text())
         if meta.get("engine") != "deepspeed":
             raise CheckpointError(f"checkpoint {path} was not written by distributed.strategy=deepspeed; resume it "
@@ -311,67 +304,6 @@ def _gathered(params: list[nn.Parameter]):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-
-def _fresh_dir(path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir()
-    return str(path)
-
-
-def _commit(ckpt: Checkpointer, tmp: Path, final: Path, step: int, world_size: int, zero_stage: int) -> str:
-    """Rank 0, after every rank wrote its files into ``tmp``: fsync, meta.json last, rename into place."""
-    files = {}
-    for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        _fsync_file(f)
-        files[str(f.relative_to(tmp))] = {"bytes": f.stat().st_size, "crc32": _crc32(f) if ckpt.checksum else None}
-    for d in sorted({f.parent for f in tmp.rglob("*") if f.is_file()}, key=lambda p: len(p.parts), reverse=True):
-        _fsync_dir(d)
-    meta = {"format": FORMAT, "step": step, "engine": "deepspeed", "world_size": world_size, "zero_stage": zero_stage,
-            "files": files}
-    with open(tmp / "meta.json", "w") as f:
-        json.dump(meta, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    if final.exists():  # saved again at the same step (after a resume)
-        old = final.with_name(f".old-step_{step}-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    atomic_write_text(final.parent / "latest", f"step_{step}\n")
-    ckpt._prune()
-    return str(final)
-
-
-def verify(path: Path) -> Path:
-    """Raise CheckpointError unless every file meta.json lists is present with its size and CRC32."""
-    from lrpretrain.checkpoint import Checkpointer
-
-    meta = Checkpointer.verify(path)  # the common files, format and meta.json itself
-    for name, info in meta["files"].items():
-        f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint {path} is partial: {name} is missing")
-        if f.stat().st_size != info["bytes"]:
-            raise CheckpointError(f"checkpoint {path} is corrupt: {name} has {f.stat().st_size} bytes, "
-                                  f"expected {info['bytes']}")
-        if info.get("crc32") is not None and _crc32(f) != info["crc32"]:
-            raise CheckpointError(f"checkpoint {path} is corrupt: {name} fails its CRC32 check")
-    return path
-
-
-def _latest_verified(ckpt: Checkpointer, warn: Callable[[str], None]) -> str | None:
-    for path in ckpt.complete_steps():
-        try:
-            return str(verify(path))
-        except CheckpointError as e:
-            warn(f"{e}; falling back to an earlier checkpoint")
-    return None
 
 
 def build_ops() -> None:

@@ -188,12 +188,8 @@ class FSDP2(Strategy):
     def load_checkpoint(self, ckpt: Checkpointer, how: str, model: nn.Module, optimizer: torch.optim.Optimizer,
                         warn: Callable[[str], None]) -> Resumed | None:
         from lrpretrain.checkpoint import Checkpointer
-        from lrpretrain.distributed.strategy import _latest_verified, _verified
 
-        D.on_main(ckpt.remove_stale)
-        if how == "never":
-            return None
-        path = D.on_main(lambda: _latest_verified(ckpt, warn) if how == "auto" else _verified(how))
+        path = self.find_checkpoint(ckpt, how, warn)
         if path is None:
             return None
         loaded = Checkpointer.load(path)

@@ -273,11 +273,7 @@ class Strategy:
         None when there is nothing to resume."""
         from lrpretrain.checkpoint import Checkpointer
 
-        D.on_main(ckpt.remove_stale)
-        if how == "never":
-            return None
-        # every rank reads the files (one shared file system); rank 0 picks which, the others follow
-        path = D.on_main(lambda: _latest_verified(ckpt, warn) if how == "auto" else _verified(how))
+        path = self.find_checkpoint(ckpt, how, warn)
         if path is None:
             return None
         _refuse_other_engines(path, self.name)
@@ -289,6 +285,15 @@ class Strategy:
         s = loaded.state
         optimizer.load_state_dict(s["optimizer"])
         return Resumed(loaded.path, s, self.rank_state_of(s, loaded.path))
+
+    def find_checkpoint(self, ckpt: Checkpointer, how: str, warn: Callable[[str], None]) -> Path | None:
+        """The checkpoint ``trainer.resume`` names, verified (auto: the newest that verifies), or None.
+        Every rank reads the files (one shared file system); rank 0 picks which, the others follow."""
+        D.on_main(ckpt.remove_stale)
+        if how == "never":
+            return None
+        path = D.on_main(lambda: _latest_verified(ckpt, warn) if how == "auto" else _verified(how))
+        return None if path is None else Path(path)
 
     def rank_state_of(self, s: dict[str, Any], path: Path) -> dict[str, Any]:
         """This rank's data position and RNGs from a checkpoint's state (see DESIGN in the README:

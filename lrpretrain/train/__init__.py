@@ -132,6 +132,7 @@ def train(cfg: Config, resolved: DictConfig) -> dict[str, Any]:
     """Run (or resume) training to ``trainer.max_steps``; returns the last metrics record."""
     strategy = build_strategy(cfg)
     ok = False
+    threads = torch.get_num_threads()  # trainer.threads is this run's: a later run in this process starts afresh
     try:
         trainer = _build(cfg, resolved, strategy)
         try:
@@ -142,5 +143,6 @@ def train(cfg: Config, resolved: DictConfig) -> dict[str, Any]:
         finally:
             trainer.logger.close()
     finally:
+        torch.set_num_threads(threads)
         # barrier + destroy on success; after an error another rank may never reach a barrier
         strategy.cleanup() if ok else strategy.abort()
