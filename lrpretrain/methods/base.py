@@ -118,11 +118,17 @@ class Method:
         """The function as dense LLaMA weights (names of the unmodified model), for export.
 
         Every :class:`~lrpretrain.methods.toolkit.Reparameterized` module becomes ``<name>.weight``
-        through its ``dense_weight()``; a method overrides this only to refuse (CoLA) or to add.
+        through its ``dense_weight()``; a module without a dense form (CoLA's non-linear bottleneck,
+        CR-Net's cross-layer term) makes this one clear error.
         """
+        from lrpretrain.errors import UserError
         from lrpretrain.methods.toolkit import dense_state_dict
 
-        return dense_state_dict(model)
+        try:
+            return dense_state_dict(model)
+        except NotImplementedError as e:
+            raise UserError(f"method={self.name} cannot be exported as dense LLaMA weights: {e}; "
+                            "use the checkpoint's own state_dict") from e
 
     # -- accounting ---------------------------------------------------------------------------
     def trainable_parameters(self, model: nn.Module) -> int:

@@ -223,13 +223,6 @@ class CoLA(Method):
     def recompute_policy(self):
         return install_cola_m
 
-    def dense_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        try:
-            return super().dense_weights(model)
-        except NotImplementedError as e:
-            raise UserError(f"method={self.name} cannot be exported as dense LLaMA weights: {e}; "
-                            "use the checkpoint's own state_dict") from e
-
     def layer_extra_values(self, model_cfg: ModelConfig) -> float:
         """A·x and σ(A·x): 2r values per CoLA projection."""
         return 2.0 * self.cfg.rank * len(expand_targets(list(self.cfg.targets)))

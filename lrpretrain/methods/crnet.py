@@ -341,13 +341,6 @@ class CRNet(Method):
 
         return install
 
-    def dense_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        try:
-            return super().dense_weights(model)
-        except NotImplementedError as e:
-            raise UserError(f"method=crnet cannot be exported as dense LLaMA weights: {e}; "
-                            "use the checkpoint's own state_dict") from e
-
     def activation_bytes(self, model_cfg: ModelConfig, recompute: str, recompute_every: int, bf16: bool) -> float:
         """Layer 1 is a plain block; each later block saves, beyond a plain one, 7r values of X·A and
         4d of the carried outputs that s(β)·Y_{l-1} keeps (every target; pro rata for fewer). With
