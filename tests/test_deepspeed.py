@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_errors import one_line
 
 from lrpretrain.cli.main import strip_local_rank
 from lrpretrain.config import load_config
@@ -53,8 +54,7 @@ REFUSED = [
 def test_refused_combinations_fail_at_config_time_with_one_line(cli, tmp_path, extra, message):
     run = tmp_path / "run"
     r = cli("train", *DS, *extra, f"run.dir={run}")
-    assert r.code == 2, r.err
-    assert len(r.error_lines) == 1 and message in r.error_lines[0], r.err
+    one_line(r, message)
     assert not run.exists()
 
 

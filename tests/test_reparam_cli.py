@@ -9,6 +9,7 @@ import signal
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_errors import one_line
 
 from lrpretrain.config import load_config
 from lrpretrain.methods import get_method
@@ -117,13 +118,6 @@ def test_relora_warm_start_loads_the_dense_checkpoint_before_surgery(cli, tmp_pa
     assert r.code == 0, r.err
 
 
-def _one_line(r, expected: str) -> None:
-    assert r.code == 2, r.err
-    assert "Traceback" not in r.err
-    assert len(r.error_lines) == 1, r.err
-    assert expected in r.error_lines[0], r.error_lines[0]
-
-
 @pytest.mark.parametrize("args, expected", [
     (["method=lora", "method.rank=0"], "method.rank=0 is invalid: must be > 0"),
     (["method=lowrank", "method.rank=-3"], "method.rank=-3 is invalid: must be > 0"),
@@ -152,7 +146,7 @@ def _one_line(r, expected: str) -> None:
      "method.warm_start=/nonexistent/run is invalid: expected a checkpoint directory holding model.safetensors"),
 ])
 def test_bad_values_are_one_clear_line(cli, tmp_path, args, expected):
-    _one_line(cli("train", *TINY, f"run.dir={tmp_path / 'run'}", *args), expected)
+    one_line(cli("train", *TINY, f"run.dir={tmp_path / 'run'}", *args), expected)
     assert not (tmp_path / "run").exists()  # rejected before anything was created
 
 
@@ -160,14 +154,14 @@ def test_relora_warm_start_that_does_not_fit_is_one_clear_line(cli, tmp_path):
     other = tmp_path / "other"
     assert cli("train", *TINY, f"run.dir={other}", "trainer.max_steps=1", "model.ffn_dim=256").code == 0
     r = cli("train", *TINY, f"run.dir={tmp_path / 'run'}", "method=relora", f"method.warm_start={other}")
-    _one_line(r, f"method.warm_start={other} does not fit model=llama_tiny: layers.0.mlp.gate_proj.weight has shape "
+    one_line(r, f"method.warm_start={other} does not fit model=llama_tiny: layers.0.mlp.gate_proj.weight has shape "
                  "(256, 128), the model needs (344, 128)")
     assert not (tmp_path / "run").exists()
     # a low-rank run's checkpoint is not a dense model either
     lr_run = tmp_path / "lowrank"
     assert cli("train", *TINY, f"run.dir={lr_run}", "trainer.max_steps=1", "method=lowrank", "method.rank=8").code == 0
     r = cli("train", *TINY, f"run.dir={tmp_path / 'run'}", "method=relora", f"method.warm_start={lr_run}")
-    _one_line(r, "does not fit model=llama_tiny: it lacks layers.0.attn.q_proj.weight")
+    one_line(r, "does not fit model=llama_tiny: it lacks layers.0.attn.q_proj.weight")
 
 
 def test_cost_reaches_the_run_log(cli, tmp_path):

@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 
 import pytest
+from test_errors import one_line
 
 import lrpretrain.sweep as sweep
 
@@ -105,8 +106,7 @@ def test_preempted_sweep_job_resumes_on_rerun(cli, tmp_path, monkeypatch):
 def test_sweep_refuses_bad_jobs_before_running_any(cli, tmp_path, bad, message):
     sw = tmp_path / "sw"
     r = cli("train", "-m", *TINY, *bad, f"hydra.sweep.dir={sw}")
-    assert r.code == 2
-    assert len(r.error_lines) == 1 and message in r.error_lines[0], r.err
+    one_line(r, message)
     assert not sw.exists()
 
 

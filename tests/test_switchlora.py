@@ -9,6 +9,7 @@ import signal
 
 import pytest
 import torch
+from test_errors import one_line
 from torch import nn
 
 from lrpretrain.methods.base import Method, StepContext
@@ -329,8 +330,7 @@ def test_preempted_mid_run_resumes_bit_for_bit(cli, tmp_path, monkeypatch):
 ])
 def test_bad_values_are_one_clear_line(cli, tmp_path, override, expected):
     r = cli("train", *TINY, "method=switchlora", override, f"run.dir={tmp_path / 'run'}", "trainer.max_steps=2")
-    assert r.code == 2, r.err
-    assert len(r.error_lines) == 1 and expected in r.error_lines[0], r.err
+    one_line(r, expected)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
