@@ -321,30 +321,19 @@ def format_result(r: dict[str, Any]) -> str:
 
 def main(args: list[str]) -> int:
     """``lrpretrain bench [overrides] [--warmup N] [--steps N] [--no-memory] [--json PATH]``."""
-    opts = {"--warmup": "2", "--steps": "5", "--json": None}
-    memory, overrides = True, []
-    it = iter(args)
-    for a in it:
-        key = a.split("=", 1)[0]
-        if key in opts:
-            value = a.split("=", 1)[1] if "=" in a else next(it, None)
-            if value is None:
-                raise UserError(f"{key} needs a value")
-            opts[key] = value
-        elif a == "--no-memory":
-            memory = False
-        elif a.startswith("--"):
-            raise UserError(f"unknown option '{a}' for bench; allowed: --warmup N, --steps N, --no-memory, --json PATH")
-        else:
-            overrides.append(a)
+    from lrpretrain.cli.options import split_options
+
+    opts, flags, overrides = split_options(args, "bench", {"--warmup": "N", "--steps": "N", "--json": "PATH"},
+                                           ("--no-memory",))
+    memory = "--no-memory" not in flags
     try:
-        warmup, steps = int(opts["--warmup"]), int(opts["--steps"])  # type: ignore[arg-type]
+        warmup, steps = int(opts.get("--warmup", "2")), int(opts.get("--steps", "5"))
     except ValueError as e:
         raise UserError(f"--warmup and --steps must be integers ({e})") from e
     result = bench(overrides, warmup, steps, memory)
     result["machine"] = machine()
     result["command"] = "lrpretrain bench " + " ".join(args)
     print(format_result(result))
-    if opts["--json"]:
+    if "--json" in opts:
         Path(opts["--json"]).write_text(json.dumps(result, indent=1) + "\n")
     return 0

@@ -293,24 +293,12 @@ def format_estimate(e: Estimate) -> str:
 
 def main(args: list[str]) -> int:
     """``lrpretrain estimate [overrides] [--budget SIZE] [--json]``."""
+    from lrpretrain.cli.options import split_options
     from lrpretrain.config import load_config
 
-    budget, as_json, pure, overrides = None, False, False, []
-    it = iter(args)
-    for a in it:
-        if a == "--budget" or a.startswith("--budget="):
-            value = a.split("=", 1)[1] if "=" in a else next(it, None)
-            if value is None:
-                raise UserError("--budget needs a size, e.g. --budget 24GB")
-            budget = parse_budget(value)
-        elif a == "--json":
-            as_json = True
-        elif a == "--pure-bf16":
-            pure = True
-        elif a.startswith("--"):
-            raise UserError(f"unknown option '{a}' for estimate; allowed: --budget SIZE, --pure-bf16, --json")
-        else:
-            overrides.append(a)
+    values, flags, overrides = split_options(args, "estimate", {"--budget": "24GB"}, ("--pure-bf16", "--json"))
+    budget = parse_budget(values["--budget"]) if "--budget" in values else None
+    as_json, pure = "--json" in flags, "--pure-bf16" in flags
     cfg, _ = load_config(overrides)
     e = estimate(cfg, budget, pure_bf16=pure)
     print(json.dumps(e.as_dict(), indent=1) if as_json else format_estimate(e))
