@@ -215,14 +215,16 @@ class Trainer:
                 tokens_window, time_window = tokens_window + step_tokens, time_window + dt
                 step = self.state.step
                 record = {"step": step, "tokens": self.state.tokens, **record, "step_time": dt,
-                          "tokens_per_s": step_tokens / dt if dt > 0 else 0.0,
-                          "peak_mem_mb": peak_memory_mb(self.device)}
+                          "tokens_per_s": step_tokens / dt if dt > 0 else 0.0}
                 if self.flops_per_token and self.device.type == "cuda":
                     record["tflops"] = self.flops_per_token * step_tokens / dt / 1e12
                 is_eval = self.val is not None and (step == t.max_steps or (t.eval_every and step % t.eval_every == 0))
+                logged = is_eval or step % t.log_every == 0 or step == t.max_steps
+                if logged:  # the training peak since fit() began only grows: reading it when logging loses nothing
+                    record["peak_mem_mb"] = peak_memory_mb(self.device)
                 if is_eval:
                     record.update(self.evaluate())
-                if is_eval or step % t.log_every == 0 or step == t.max_steps:
+                if logged:
                     self.logger.log(record)
                 last = record
                 # every rank must stop (and checkpoint, a collective) at the same update
