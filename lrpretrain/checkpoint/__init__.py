@@ -200,9 +200,16 @@ class Checkpointer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Loaded:
+        """Verify checkpoint ``path`` (sizes, CRC32s), then read it."""
+        cls.verify(Path(path))
+        return cls.read(path)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> Loaded:
+        """Read checkpoint ``path`` that was verified already (every file's CRC32 is not read again)."""
         path = Path(path)
-        meta = cls.verify(path)
         try:
+            meta = json.loads((path / "meta.json").read_text())
             model = None if meta.get("model") == "dcp" else load_file(str(path / "model.safetensors"))
             state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
         except Exception as e:

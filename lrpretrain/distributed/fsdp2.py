@@ -192,7 +192,7 @@ class FSDP2(Strategy):
         path = self.find_checkpoint(ckpt, how, warn)
         if path is None:
             return None
-        loaded = Checkpointer.load(path)
+        loaded = Checkpointer.read(path)  # find_checkpoint verified it
         if loaded.model is not None:
             raise CheckpointError(f"checkpoint {loaded.path} was written by distributed.strategy=single or ddp "
                                   "(full weights); resume it with that strategy")

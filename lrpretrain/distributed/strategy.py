@@ -277,7 +277,7 @@ class Strategy:
         if path is None:
             return None
         _refuse_other_engines(path, self.name)
-        loaded = Checkpointer.load(path)
+        loaded = Checkpointer.read(path)  # find_checkpoint verified it
         try:
             model.load_state_dict(loaded.model, strict=True)
         except RuntimeError as e:
