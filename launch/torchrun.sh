@@ -17,9 +17,16 @@
 # LRP_DRY_RUN=1 prints the torchrun command instead of running it.
 set -euo pipefail
 
+# No pipelines in this script: under `set -o pipefail` a reader that stops early (head, grep -q/-m)
+# can kill the writer with SIGPIPE (exit 141), and `set -e` then ends the script without a word.
 gpu_count() {
-    local n=0
-    if command -v nvidia-smi >/dev/null 2>&1; then n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); fi
+    local n=0 out line
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        out=$(nvidia-smi -L 2>/dev/null || true)  # no driver / no GPU: whatever it listed (nothing)
+        while IFS= read -r line; do
+            if [[ $line == GPU* ]]; then n=$(( n + 1 )); fi  # not ((n++)): that returns 1 when n was 0
+        done <<< "$out"
+    fi
     echo $(( n > 0 ? n : 1 ))
 }
 
@@ -35,7 +42,13 @@ if (( nnodes == 1 )); then
 else
     master_addr=${MASTER_ADDR:-}
     if [[ -z $master_addr && -n ${SLURM_JOB_NODELIST:-} ]]; then
-        master_addr=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+        # The whole list, then its first line: `scontrol ... | head -n 1` under pipefail dies of SIGPIPE
+        # (exit 141, no message) whenever head exits before scontrol has written everything.
+        if ! hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST"); then
+            echo "torchrun.sh: 'scontrol show hostnames $SLURM_JOB_NODELIST' failed; cannot find the master host (set MASTER_ADDR)" >&2
+            exit 1
+        fi
+        master_addr=${hosts%%$'\n'*}
     fi
     if [[ -z $master_addr ]]; then
         echo "torchrun.sh: NNODES=$nnodes needs MASTER_ADDR (the host of node rank 0) or a SLURM allocation" >&2

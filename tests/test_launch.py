@@ -3,6 +3,7 @@
 No SLURM here: ``srun`` and ``scontrol`` are small fakes on PATH (srun runs its command in place,
 scontrol records its arguments), and ``torchrun`` is a fake too except in the end-to-end test, where a
 real torchrun trains, receives SIGUSR1 through the batch shell, checkpoints, is requeued and resumes.
+``nvidia-smi`` is a fake as well, so that the GPUs of the machine running the tests do not leak in.
 """
 
 from __future__ import annotations
@@ -29,8 +30,20 @@ exec "$@"
 """
 FAKE_SCONTROL = """#!/bin/sh
 echo "$*" >> "$FAKE_DIR/scontrol.log"
-if [ "$1 $2" = "show hostnames" ]; then echo node01; echo node02; exit 0; fi
+if [ "$1 $2" = "show hostnames" ]; then
+  if [ -n "${FAKE_HOSTNAMES_FAIL:-}" ]; then echo "scontrol: error: Invalid node name specified" >&2; exit 1; fi
+  # FAKE_HOSTS=N: node000001 .. N, far more than a pipe buffer holds for N = 100000
+  if [ -n "${FAKE_HOSTS:-}" ]; then exec seq -f 'node%06g' 1 "$FAKE_HOSTS"; fi
+  echo node01; echo node02; exit 0
+fi
 exit "${FAKE_SCONTROL_RC:-0}"
+"""
+FAKE_NVIDIA_SMI = """#!/bin/sh
+# nvidia-smi -L: FAKE_GPUS lines (default none: "No devices were found", exit 6, as on a GPU-less host)
+n=${FAKE_GPUS:-0}
+if [ "$n" -eq 0 ]; then echo "No devices were found"; exit 6; fi
+i=0
+while [ "$i" -lt "$n" ]; do echo "GPU $i: NVIDIA H200 (UUID: GPU-$i)"; i=$((i + 1)); done
 """
 FAKE_TORCHRUN = """#!/bin/bash
 { echo "$*"; env | grep -E '^PET_' | sort; } > "$FAKE_DIR/torchrun.args"
@@ -50,7 +63,8 @@ esac
 def fakes(tmp_path) -> Path:
     bin_dir = tmp_path / "fakebin"
     bin_dir.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("torchrun", FAKE_TORCHRUN)):
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("torchrun", FAKE_TORCHRUN),
+                       ("nvidia-smi", FAKE_NVIDIA_SMI)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     return bin_dir
@@ -187,6 +201,37 @@ def test_torchrun_several_nodes_from_env(fakes):
            "--rdzv-endpoint=10.0.0.5:29400 --rdzv-id=exp1" in r.stderr
     r = _torchrun_cmd(fakes, NNODES="2", NPROC_PER_NODE="1")
     assert r.returncode == 2 and "needs MASTER_ADDR" in r.stderr
+
+
+def test_torchrun_first_of_very_many_slurm_hosts(fakes):
+    # 100k hosts (1.1 MB) overflow the pipe: `scontrol ... | head -n 1` under pipefail died of SIGPIPE
+    # (exit 141, no message) here every time, and by a race with the two-host fake now and then
+    r = _torchrun_cmd(fakes, SLURM_NNODES="2", SLURM_NODEID="0", SLURM_JOB_NODELIST="node[000001-100000]",
+                      SLURM_GPUS_ON_NODE="8", FAKE_HOSTS="100000")
+    assert r.returncode == 0, r.stderr
+    assert "--node-rank=0 --rdzv-backend=c10d --rdzv-endpoint=node000001:24242 --rdzv-id=4242" in r.stderr
+    assert _scontrol_calls(fakes) == ["show hostnames node[000001-100000]"]
+
+
+def test_torchrun_failing_scontrol_is_a_clear_error(fakes):
+    r = _torchrun_cmd(fakes, SLURM_NNODES="2", SLURM_NODEID="1", SLURM_JOB_NODELIST="node[01-02]",
+                      SLURM_GPUS_ON_NODE="8", FAKE_HOSTNAMES_FAIL="1")
+    assert r.returncode == 1
+    ours = [line for line in r.stderr.splitlines() if line.startswith("torchrun.sh:")]
+    assert ours == ["torchrun.sh: 'scontrol show hostnames node[01-02]' failed; cannot find the master host "
+                    "(set MASTER_ADDR)"], r.stderr  # one line, and no torchrun command
+    assert "scontrol: error: Invalid node name specified" in r.stderr  # scontrol's own reason, passed on
+    r = _torchrun_cmd(fakes, SLURM_NNODES="2", SLURM_JOB_NODELIST="node[01-02]", FAKE_HOSTS="0")  # lists no host
+    assert r.returncode == 2 and "needs MASTER_ADDR" in r.stderr
+
+
+def test_torchrun_counts_gpus_with_nvidia_smi(fakes):
+    r = _torchrun_cmd(fakes, FAKE_GPUS="3")
+    assert r.returncode == 0, r.stderr
+    assert "--nnodes=1 --nproc-per-node=3 " in r.stderr
+    r = _torchrun_cmd(fakes)  # nvidia-smi finds no GPU (and fails): one process
+    assert r.returncode == 0, r.stderr
+    assert "--nnodes=1 --nproc-per-node=1 " in r.stderr
 
 
 # ---------------------------------------------------------------------------------------------
