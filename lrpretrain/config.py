@@ -236,6 +236,7 @@ class RunConfig:
     dir: str = "runs/${model.name}-${method.name}-${now:%Y%m%d-%H%M%S}"
     name: str | None = None  # W&B run name; default: the run directory's name
     overwrite: bool = False  # allow starting a different run in an existing run.dir (deletes it)
+    break_lock: bool = False  # take over run.dir's lock left by a process that this host cannot check (another host)
 
 
 @dataclass

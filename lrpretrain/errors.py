@@ -26,6 +26,14 @@ class CheckpointError(UserError):
     """A checkpoint is missing, partial or corrupt."""
 
 
+class StorageError(UserError):
+    """A write into the run directory failed (no space, quota, read-only, permission); see lrpretrain.storage."""
+
+
+class RunDirInUse(UserError):
+    """Another process holds the run directory's lock."""
+
+
 def allowed(values: Iterable[object]) -> str:
     return ", ".join(str(v) for v in values)
 

@@ -37,6 +37,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lrpretrain.errors import ConfigError, UserError
+from lrpretrain.train.lock import RunLock
 
 JOB_FILE = "sweep_job.json"
 SUMMARY_FIELDS = ("job", "method", "overrides", "status", "step", "val_loss", "val_ppl", "tokens_per_s",
@@ -146,6 +147,7 @@ def job(cfg: DictConfig) -> dict[str, Any]:
 
     result: dict[str, Any] = {}
     ours = False  # whether the job file is this job's to write (not when the directory holds another run)
+    lock: RunLock | None = None
     try:
         cfg = copy.deepcopy(cfg)
         OmegaConf.set_readonly(cfg, False)
@@ -153,9 +155,13 @@ def job(cfg: DictConfig) -> dict[str, Any]:
         typed = to_typed(cfg)
         validate_config(typed, world_size_from_env())
         resolved = to_dictconfig(typed)
+        if is_rank0:  # the job's directory is this process's until the job file is written (train() holds it too)
+            lock = RunLock(run_dir, typed.run.break_lock).acquire()
         done = _finished(run_dir, typed.trainer.max_steps, resolved)
         if done is not None:
             print(f"sweep: job {info['job']} already complete (step {done['step']}): skipped", file=sys.stderr)
+            if lock is not None:
+                lock.release()
             return {**info, "status": "complete", "step": done["step"], "skipped": True}
         _check_same_run(run_dir, typed, resolved)
         ours = True
@@ -171,8 +177,12 @@ def job(cfg: DictConfig) -> dict[str, Any]:
         status, result = "failed", {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
     record = {**info, "status": status, "step": result.get("step"), "error": result.get("error"),
               "signal": result.get("signal")}
-    if is_rank0 and ours:
-        _write_job_file(run_dir, record)
+    try:
+        if is_rank0 and ours:
+            _write_job_file(run_dir, record)
+    finally:
+        if lock is not None:
+            lock.release()
     if status == "preempted":
         _stopped_by = result.get("signal") or "a signal"
         if env is not None and result.get("signal") == "SIG" + env.USR_SIG:

@@ -289,7 +289,7 @@ class Strategy:
     def find_checkpoint(self, ckpt: Checkpointer, how: str, warn: Callable[[str], None]) -> Path | None:
         """The checkpoint ``trainer.resume`` names, verified (auto: the newest that verifies), or None.
         Every rank reads the files (one shared file system); rank 0 picks which, the others follow."""
-        D.on_main(ckpt.remove_stale)
+        D.on_main(lambda: ckpt.remove_stale(warn))
         if how == "never":
             return None
         path = D.on_main(lambda: _latest_verified(ckpt, warn) if how == "auto" else _verified(how))

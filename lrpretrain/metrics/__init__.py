@@ -4,6 +4,12 @@ One JSON object per logged step (``step``, ``loss``, ``lr``, ``tokens``, ``peak_
 ``val_loss`` and ``val_ppl`` on eval steps). On resume, records past the checkpoint's step (written after it and lost
 with the crash) move to ``metrics.rewound.jsonl``, so ``metrics.jsonl`` always describes the one
 run that continues, and nothing is deleted.
+
+A record that cannot be written (a full disk, a quota, a read-only filesystem) stops the run with one
+line, as a failed checkpoint does: training on would leave holes in the record of the run (and, with a
+full disk, the next checkpoint would fail anyway), while stopping loses nothing that resuming from the
+last checkpoint does not recompute exactly. The W&B mirror is written by wandb's own service process:
+its failures are wandb's to report.
 """
 
 from __future__ import annotations
@@ -18,6 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from lrpretrain.config import Config
+from lrpretrain.storage import guarded_write
+
+STOPPED = ("the run stops rather than train on with holes in metrics.jsonl; the checkpoints are intact: continue "
+           "with trainer.resume=auto once it is fixed")
 
 
 def _fmt_count(n: float) -> str:
@@ -89,12 +99,19 @@ def rewind_jsonl(path: Path, step: int) -> int:
             moved.append(line)
             continue
         (keep if rec_step <= step else moved).append(line)
+    rewound = path.with_suffix(".rewound.jsonl")
     if moved:
-        with open(path.with_suffix(".rewound.jsonl"), "a") as f:
+        with guarded_write(rewound, sum(len(m) + 1 for m in moved), STOPPED), open(rewound, "a") as f:
             f.write("\n".join(moved) + "\n")
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    text = "".join(line + "\n" for line in keep)
+    with guarded_write(path, len(text), STOPPED):
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return len(moved)
 
 
@@ -122,7 +139,8 @@ class MetricsLogger:
 
         id_file = self.run_dir / "wandb_id.txt"
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
-        id_file.write_text(run_id + "\n")
+        with guarded_write(id_file, len(run_id) + 1):
+            id_file.write_text(run_id + "\n")
         return wandb.init(project=cfg.logging.project, entity=cfg.logging.entity, mode=cfg.logging.wandb,
                           name=cfg.run.name or self.run_dir.name, dir=str(self.run_dir), id=run_id,
                           resume="allow", config=resolved)
@@ -153,8 +171,9 @@ class MetricsLogger:
         if not self.enabled:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(clean) + "\n")
+        line = json.dumps(clean) + "\n"
+        with guarded_write(self.path, len(line), STOPPED), open(self.path, "a") as f:
+            f.write(line)
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
                             step=record["step"])

@@ -18,6 +18,7 @@ from lrpretrain.errors import ConfigError
 from lrpretrain.methods import Method, get_method
 from lrpretrain.metrics import MetricsLogger
 from lrpretrain.model import build_model
+from lrpretrain.train.lock import RunLock
 from lrpretrain.train.per_layer import PerLayerUpdate
 from lrpretrain.train.recompute import apply_recompute, graph_is_reusable
 from lrpretrain.train.rng import seed_everything
@@ -50,18 +51,26 @@ def model_builder(cfg: Config, plugin: Method) -> Callable[..., torch.nn.Module]
 
 def build_trainer(cfg: Config, resolved: DictConfig) -> Trainer:
     """Validate what needs the data; build data, model, method (recompute, per-layer updates) and
-    optimizer; only then prepare the run dir and the logger."""
-    return _build(cfg, resolved, build_strategy(cfg))
+    optimizer; only then prepare the run dir and the logger. Takes no lock on the run directory
+    (``bench`` runs in a temporary one): :func:`train` does."""
+    strategy = build_strategy(cfg)
+    return _build(cfg, resolved, strategy, _start(cfg, resolved, strategy), [])
 
 
-def _build(cfg: Config, resolved: DictConfig, strategy: Strategy) -> Trainer:
+def _start(cfg: Config, resolved: DictConfig, strategy: Strategy) -> torch.device:
+    """Threads, the process group and the device; every rank takes rank 0's run.dir (it may hold
+    ``${now:...}``, resolved per process)."""
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     device = strategy.setup(resolve_device(cfg))
-    r, w = strategy.rank, strategy.world_size
-    # Every rank must use rank 0's run directory (run.dir may hold ${now:...}, resolved per process).
     cfg.run.dir = D.broadcast_object(cfg.run.dir)
     resolved.run.dir = cfg.run.dir
+    return device
+
+
+def _build(cfg: Config, resolved: DictConfig, strategy: Strategy, device: torch.device, notes: list[str]) -> Trainer:
+    """``notes``: warnings from before the logger existed (taking the run directory's lock)."""
+    r, w = strategy.rank, strategy.world_size
     run_dir = Path(cfg.run.dir)
 
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.eos_token, cfg.data.pad_token)
@@ -88,7 +97,7 @@ def _build(cfg: Config, resolved: DictConfig, strategy: Strategy) -> Trainer:
 
     logs: list[str] = D.on_main(lambda: _prepare_run_dir(run_dir, resolved, cfg))
     logger = MetricsLogger(cfg, run_dir, OmegaConf.to_container(resolved), cfg.trainer.max_steps, r)  # type: ignore[arg-type]
-    for m in logs:
+    for m in [*notes, *logs]:
         logger.info(f"warning: {m}")
     if val is None:
         logger.info("no validation data (data.val_files is empty or data.val_tokens=0): evaluation is off")
@@ -129,12 +138,18 @@ def _has_validation(cfg: Config) -> bool:
 
 
 def train(cfg: Config, resolved: DictConfig) -> dict[str, Any]:
-    """Run (or resume) training to ``trainer.max_steps``; returns the last metrics record."""
+    """Run (or resume) training to ``trainer.max_steps``; returns the last metrics record. Rank 0 holds
+    the run directory's lock from before the data and the model are built until the end."""
     strategy = build_strategy(cfg)
     ok = False
     threads = torch.get_num_threads()  # trainer.threads is this run's: a later run in this process starts afresh
+    notes: list[str] = []
+    lock: RunLock | None = None
     try:
-        trainer = _build(cfg, resolved, strategy)
+        device = _start(cfg, resolved, strategy)
+        lock = RunLock(cfg.run.dir, cfg.run.break_lock, notes.append)
+        D.on_main(lock.hold)
+        trainer = _build(cfg, resolved, strategy, device, notes)
         try:
             trainer.resume()
             result = trainer.fit()
@@ -143,6 +158,8 @@ def train(cfg: Config, resolved: DictConfig) -> dict[str, Any]:
         finally:
             trainer.logger.close()
     finally:
+        if lock is not None:
+            lock.release()
         torch.set_num_threads(threads)
         # barrier + destroy on success; after an error another rank may never reach a barrier
         strategy.cleanup() if ok else strategy.abort()

@@ -3,7 +3,9 @@
 A run directory holds one run: ``config.yaml`` (the resolved config), ``metrics.jsonl`` and
 ``checkpoints/``. Starting in a directory that already holds a run is allowed only to continue that
 run (``trainer.resume=auto`` with the same config, up to the operational keys below; or an explicit
-``trainer.resume=PATH``), or when the user asks to replace it (``run.overwrite=true``).
+``trainer.resume=PATH``), or when the user asks to replace it (``run.overwrite=true``). Where the
+directory lives is not part of the run: a run directory moved or copied elsewhere resumes there.
+One process at a time uses it (:mod:`lrpretrain.train.lock`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ OPERATIONAL = (
     "trainer.resume", "trainer.max_steps", "trainer.eval_every", "trainer.eval_at_start", "trainer.ckpt_every",
     "trainer.keep_last", "trainer.ckpt_checksum", "trainer.log_every", "trainer.threads", "trainer.compile",
     "trainer.eval_batch_size", "trainer.on_nonfinite", "trainer.max_nonfinite", "trainer.recompute",
-    "trainer.recompute_every", "eval", "logging", "run.overwrite", "run.name",
+    "trainer.recompute_every", "eval", "logging", "run.overwrite", "run.name", "run.dir", "run.break_lock",
 )
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")
 
@@ -67,10 +69,14 @@ def prepare_run_dir(run_dir: Path, resolved: DictConfig, resume: str, overwrite:
             raise ConfigError(f"run.dir {run_dir} holds a run with a different config ({shown}); "
                               "use another run.dir, run.overwrite=true to replace it, or "
                               "trainer.resume=PATH to load its checkpoint into this config")
-        changed = config_differences(OmegaConf.load(stored), resolved,  # type: ignore[arg-type]
-                                     ignore=("trainer.resume", "run.overwrite"))
+        before = OmegaConf.load(stored)
+        changed = config_differences(before, resolved,  # type: ignore[arg-type]
+                                     ignore=("trainer.resume", "run.overwrite", "run.dir", "run.break_lock"))
         if changed:
             warn("config changes on resume: " + "; ".join(changed))
+        old_dir = OmegaConf.select(before, "run.dir")
+        if old_dir is not None and Path(old_dir).absolute() != run_dir.absolute():
+            warn(f"this run was moved: it was trained in {old_dir} and continues in {run_dir}")
     if holds_run and overwrite:
         warn(f"run.overwrite=true: replacing the run in {run_dir}")
         for f in (*RUN_FILES, "metrics.rewound.jsonl", "wandb", "wandb_id.txt"):

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from lrpretrain.checkpoint import Checkpointer
+from lrpretrain.checkpoint import Checkpointer, tensor_bytes
 from lrpretrain.config import Config
 from lrpretrain.data import TokenStream, ValidationSet
 from lrpretrain.distributed import all_reduce_sum, world_size
@@ -95,8 +95,13 @@ class Trainer:
         return {"data": self.data.state_dict(), "rng": rng_state()}
 
     def save_checkpoint(self) -> Path:
-        path = self.strategy.save_checkpoint(self.ckpt, self.state.step, self.model, self.optimizer,
-                                             self.train_state(), self.rank_state(), OmegaConf.to_yaml(self.resolved))
+        step = self.state.step
+        # a failed write (full disk, quota, ...) removes the partial checkpoint and stops with one line
+        needed = lambda: self.ckpt.expected_bytes(tensor_bytes(self.model.state_dict())  # noqa: E731
+                                                  + tensor_bytes(self.optimizer.state_dict()))
+        with self.ckpt.writing(step, needed):
+            path = self.strategy.save_checkpoint(self.ckpt, step, self.model, self.optimizer, self.train_state(),
+                                                 self.rank_state(), OmegaConf.to_yaml(self.resolved))
         self.logger.info(f"checkpoint saved: {path}")
         return path
 
