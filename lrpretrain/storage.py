@@ -68,18 +68,22 @@ def errno_of(exc: BaseException) -> int | None:
 
 
 def _count(n: int) -> str:
-    return f"{n:,} bytes ({n / 2**20:.1f} MiB)" if n >= 2**20 else f"{n:,} bytes"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n:,} bytes ({n / size:.1f} {unit})"
+    return f"{n:,} bytes"
 
 
 def storage_error(exc: BaseException, path: str | os.PathLike, needed: int | None = None,
-                  after: str = "") -> StorageError | None:
+                  after: str = "", free: int | None = None) -> StorageError | None:
     """The one-line :class:`StorageError` for ``exc``, raised while writing ``path`` (``needed``: the
-    bytes the whole write takes), or None when ``exc`` is no storage failure. A library error that names
-    no errno counts as a full disk when the filesystem has fewer than ``needed`` bytes free."""
+    bytes the whole write takes; ``free``: the bytes free when it began, default: now), or None when
+    ``exc`` is no storage failure. A library error that names no errno counts as a full disk when the
+    filesystem has fewer than ``needed`` bytes free."""
     if isinstance(exc, StorageError):
         return exc
     code = errno_of(exc)
-    free = free_bytes(path)
+    free = free_bytes(path) if free is None else free
     if code is None and needed is not None and free is not None and free < needed:
         code = errno.ENOSPC
     if code is None:

@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lrpretrain.errors import CheckpointError
-from lrpretrain.storage import atomic_write_text, fsync_dir, guarded_write, storage_error
+from lrpretrain.storage import atomic_write_text, free_bytes, fsync_dir, guarded_write, storage_error
 
 FORMAT = 1
 FILES = ("model.safetensors", "train_state.pt", "config.yaml")
@@ -110,6 +110,7 @@ class Checkpointer:
         self.checksum = checksum
         self._tmp: Path | None = None  # the temporary directory being written (by this process)
         self._needed: int | Callable[[], int] | None = None  # what the checkpoint being written takes
+        self._free: int | None = None  # bytes free on the filesystem when it began
 
     # -- writing -------------------------------------------------------------------------------
     def save(self, step: int, model_state: dict[str, torch.Tensor], train_state: dict[str, Any],
@@ -163,6 +164,7 @@ class Checkpointer:
         outermost = self._needed is None
         if outermost:
             self._needed = needed if needed is not None else 0
+            self._free = free_bytes(self.root)  # a statvfs: what the message compares the need with
         try:
             yield
         except Exception as e:
@@ -185,7 +187,7 @@ class Checkpointer:
                   "checkpoints/latest are intact: fix that, then continue with trainer.resume=auto") if previous else \
                  (f"checkpoint step_{step} was not written (there is no earlier checkpoint); fix that and start "
                   "the run again")
-        return storage_error(e, path or self._tmp or self.root, needed, intact) or e
+        return storage_error(e, path or self._tmp or self.root, needed, intact, self._free) or e
 
     def discard(self) -> None:
         """Remove the temporary directory of a checkpoint whose writing failed."""
