@@ -110,6 +110,28 @@ def guarded_write(path: str | os.PathLike, needed: int | None = None, after: str
         raise err from e
 
 
+def pid_start(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def pid_alive(pid: int, start: int | None = None) -> bool:
+    """Whether process ``pid`` of this host runs (and, given its ``start`` from :func:`pid_start`, is
+    still the same process, not a later one with its number)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        pass
+    now = pid_start(pid)
+    return start is None or now is None or now == start
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

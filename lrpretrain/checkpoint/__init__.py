@@ -38,7 +38,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lrpretrain.errors import CheckpointError
-from lrpretrain.storage import atomic_write_text, free_bytes, fsync_dir, guarded_write, storage_error
+from lrpretrain.storage import (
+    atomic_write_text,
+    free_bytes,
+    fsync_dir,
+    guarded_write,
+    pid_alive,
+    storage_error,
+)
 
 FORMAT = 1
 FILES = ("model.safetensors", "train_state.pt", "config.yaml")
@@ -71,16 +78,6 @@ def tensor_bytes(obj: Any) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(tensor_bytes(v) for v in obj)
     return 0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -264,7 +261,7 @@ class Checkpointer:
             if m is None:
                 continue
             pid, host = int(m.group("pid")), m.group("host")
-            if pid != os.getpid() and (host is None or host == here) and _pid_alive(pid):
+            if pid != os.getpid() and (host is None or host == here) and pid_alive(pid):
                 if warn is not None:
                     warn(f"left {p} in place: process {pid} on this host, which is writing it, is alive")
                 continue

@@ -41,30 +41,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from lrpretrain.errors import ConfigError, RunDirInUse
-from lrpretrain.storage import storage_error
+from lrpretrain.storage import pid_alive, pid_start, storage_error
 
 LOCK_NAME = ".lrpretrain.lock"
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
-
-
-def _pid_start(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat), or None."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def _pid_alive(pid: int, start: int | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        pass
-    now = _pid_start(pid)
-    return start is None or now is None or now == start
 
 
 def _describe(rec: dict[str, Any]) -> str:
@@ -190,7 +170,7 @@ class RunLock:
             self.warn(f"run.break_lock=true: taking over the lock of {self.run_dir} from {_describe(rec)}")
             return
         pid = rec.get("pid")
-        if isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid, rec.get("pid_start")):
+        if isinstance(pid, int) and pid != os.getpid() and pid_alive(pid, rec.get("pid_start")):
             # alive, yet the OS lock was free (or the filesystem has none): it may have lost its lock
             if not self.break_lock:
                 raise RunDirInUse(f"run.dir {self.run_dir} is in use by another lrpretrain process ({_describe(rec)}); "
@@ -200,7 +180,7 @@ class RunLock:
         self.warn(f"taking over the lock of {self.run_dir} from a process that is gone ({_describe(rec)})")
 
     def _write_record(self, fd: int) -> None:
-        rec = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _pid_start(os.getpid()),
+        rec = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": pid_start(os.getpid()),
                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)[:500]}
         data = (json.dumps(rec) + "\n").encode()
         try:
