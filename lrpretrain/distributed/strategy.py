@@ -63,7 +63,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lrpretrain import distributed as D
+from lrpretrain import comm
 from lrpretrain.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
@@ -147,16 +147,16 @@ class Strategy:
     # -- process group -------------------------------------------------------------------------
     @property
     def rank(self) -> int:
-        return D.rank()
+        return comm.rank()
 
     @property
     def world_size(self) -> int:
-        return D.world_size()
+        return comm.world_size()
 
     def setup(self, device: torch.device) -> torch.device:
         """Start the process group (multi-process strategies) and return the device to train on."""
         self.device = device
-        if self.multi_process and not D.is_distributed():
+        if self.multi_process and not comm.is_distributed():
             if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
                 raise ConfigError(f"distributed.strategy={self.name} needs a process group: launch with torchrun "
                                   f"(torchrun --nproc_per_node=N -m lrpretrain.cli.main train ...)")
@@ -171,7 +171,7 @@ class Strategy:
 
     def cleanup(self) -> None:
         """Barrier, then destroy the group: a rank that exits early makes torchrun report a failure."""
-        if self._owns_group and D.is_distributed():
+        if self._owns_group and comm.is_distributed():
             try:
                 dist.barrier()
             finally:
@@ -180,7 +180,7 @@ class Strategy:
 
     def abort(self) -> None:
         """After an error: destroy the group without a barrier (other ranks may never reach one)."""
-        if self._owns_group and D.is_distributed():
+        if self._owns_group and comm.is_distributed():
             dist.destroy_process_group()
             self._owns_group = False
 
@@ -261,10 +261,10 @@ class Strategy:
 
         Here: rank 0 writes the full model (safetensors) and one train_state.pt holding the optimizer,
         ``state`` and every rank's ``rank_state`` (gathered)."""
-        ranks = D.all_gather_object(rank_state)
+        ranks = comm.all_gather_object(rank_state)
         full = {**state, "optimizer": optimizer.state_dict(), **ranks[0], "ranks": ranks, "world_size": len(ranks)}
-        path = D.on_main(lambda: ckpt.save(step, self.model_state(model), full, config_yaml))
-        D.barrier()
+        path = comm.on_main(lambda: ckpt.save(step, self.model_state(model), full, config_yaml))
+        comm.barrier()
         return path
 
     def load_checkpoint(self, ckpt: Checkpointer, how: str, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -289,10 +289,10 @@ class Strategy:
     def find_checkpoint(self, ckpt: Checkpointer, how: str, warn: Callable[[str], None]) -> Path | None:
         """The checkpoint ``trainer.resume`` names, verified (auto: the newest that verifies), or None.
         Every rank reads the files (one shared file system); rank 0 picks which, the others follow."""
-        D.on_main(ckpt.remove_stale)
+        comm.on_main(ckpt.remove_stale)
         if how == "never":
             return None
-        path = D.on_main(lambda: _latest_verified(ckpt, warn) if how == "auto" else _verified(how))
+        path = comm.on_main(lambda: _latest_verified(ckpt, warn) if how == "auto" else _verified(how))
         return None if path is None else Path(path)
 
     def rank_state_of(self, s: dict[str, Any], path: Path) -> dict[str, Any]:

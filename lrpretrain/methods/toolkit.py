@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from lrpretrain.distributed import shard_rows
+from lrpretrain.comm import shard_rows
 from lrpretrain.errors import ConfigError
 from lrpretrain.methods.targets import expand_targets, select_targets, set_module
 

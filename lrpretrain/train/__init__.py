@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lrpretrain import distributed as D
+from lrpretrain import comm
 from lrpretrain.config import Config
 from lrpretrain.data import TokenStream, ValidationSet, load_tokenizer
 from lrpretrain.distributed.strategy import Strategy, build_strategy
@@ -60,7 +60,7 @@ def _build(cfg: Config, resolved: DictConfig, strategy: Strategy) -> Trainer:
     device = strategy.setup(resolve_device(cfg))
     r, w = strategy.rank, strategy.world_size
     # Every rank must use rank 0's run directory (run.dir may hold ${now:...}, resolved per process).
-    cfg.run.dir = D.broadcast_object(cfg.run.dir)
+    cfg.run.dir = comm.broadcast_object(cfg.run.dir)
     resolved.run.dir = cfg.run.dir
     run_dir = Path(cfg.run.dir)
 
@@ -86,7 +86,7 @@ def _build(cfg: Config, resolved: DictConfig, strategy: Strategy) -> Trainer:
     n_params, n_train = sum(p.numel() for p in model.parameters()), plugin.trainable_parameters(model)
     forward = strategy.wrap(model, optimizer, per_layer is not None and per_layer.in_backward)
 
-    logs: list[str] = D.on_main(lambda: _prepare_run_dir(run_dir, resolved, cfg))
+    logs: list[str] = comm.on_main(lambda: _prepare_run_dir(run_dir, resolved, cfg))
     logger = MetricsLogger(cfg, run_dir, OmegaConf.to_container(resolved), cfg.trainer.max_steps, r)  # type: ignore[arg-type]
     for m in logs:
         logger.info(f"warning: {m}")

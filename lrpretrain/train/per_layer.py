@@ -66,7 +66,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrpretrain.distributed import local
+from lrpretrain.comm import local
 from lrpretrain.errors import ConfigError
 from lrpretrain.optim import ParamwiseOptimizer
 
