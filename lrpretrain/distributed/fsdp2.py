@@ -58,6 +58,7 @@ from lrpretrain.comm import local
 from lrpretrain.distributed.strategy import Resumed, Strategy, register_strategy
 from lrpretrain.errors import CheckpointError, ConfigError
 from lrpretrain.methods import get_method
+from lrpretrain.optim.clip import clip_coefficient, total_norm
 
 if TYPE_CHECKING:
     from lrpretrain.checkpoint import Checkpointer
@@ -153,8 +154,6 @@ class FSDP2(Strategy):
         return sq.sqrt()
 
     def grad_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        from lrpretrain.train.per_layer import total_norm
-
         if not grads:
             return torch.zeros(())
         sq = torch.stack([torch.linalg.vector_norm(local(g)).square() for g in grads])
@@ -163,8 +162,6 @@ class FSDP2(Strategy):
 
     @torch.no_grad()
     def clip_(self, params: list[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:
-        from lrpretrain.train.per_layer import clip_coefficient
-
         coef = clip_coefficient(max_norm, norm)
         for p in params:
             local(p.grad).mul_(coef)

@@ -65,6 +65,7 @@ from torch import nn
 
 from lrpretrain import comm
 from lrpretrain.errors import CheckpointError, ConfigError
+from lrpretrain.optim.clip import total_norm
 
 if TYPE_CHECKING:
     from lrpretrain.checkpoint import Checkpointer
@@ -217,8 +218,6 @@ class Strategy:
         return torch.linalg.vector_norm(g)
 
     def grad_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        from lrpretrain.train.per_layer import total_norm
-
         return total_norm([self.tensor_norm(g) for g in grads])
 
     def per_layer_grad(self, p: torch.Tensor) -> None:
