@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from lrpretrain.errors import UserError
+from lrpretrain.options import split_options
 
 # Dense (no sparsity) peak FLOP/s by device name substring: (bf16 tensor core, fp32 without TF32).
 PEAK_FLOPS: dict[str, tuple[float, float]] = {
@@ -321,8 +322,6 @@ def format_result(r: dict[str, Any]) -> str:
 
 def main(args: list[str]) -> int:
     """``lrpretrain bench [overrides] [--warmup N] [--steps N] [--no-memory] [--json PATH]``."""
-    from lrpretrain.cli.options import split_options
-
     opts, flags, overrides = split_options(args, "bench", {"--warmup": "N", "--steps": "N", "--json": "PATH"},
                                            ("--no-memory",))
     memory = "--no-memory" not in flags

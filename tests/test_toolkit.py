@@ -9,11 +9,11 @@ from torch import nn
 from lrpretrain.config import load_config
 from lrpretrain.errors import ConfigError
 from lrpretrain.methods import get_method
+from lrpretrain.methods.base import dense_state_dict
 from lrpretrain.methods.toolkit import (
     LoRALinear,
     LowRankLinear,
     check_rank,
-    dense_state_dict,
     parameter_counts,
     reparameterize,
     reset_optimizer_state,
