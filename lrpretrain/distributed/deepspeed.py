@@ -56,8 +56,10 @@ import torch
 from torch import nn
 
 from lrpretrain import comm
+from lrpretrain.checkpoint import _unshared
 from lrpretrain.distributed.strategy import Resumed, StepOutcome, Strategy, register_strategy
 from lrpretrain.errors import CheckpointError, ConfigError
+from lrpretrain.methods import Method, get_method
 
 if TYPE_CHECKING:
     from lrpretrain.checkpoint import Checkpointer
@@ -77,8 +79,6 @@ def bf16(cfg: Config) -> bool:
 
 def refusal(cfg: Config) -> str | None:
     """Why this config cannot train correctly under DeepSpeed (one line), or None."""
-    from lrpretrain.methods import Method, get_method
-
     stage, name = cfg.distributed.zero_stage, cfg.method.name
     if stage == 0:
         return ("distributed.zero_stage=0 is plain data parallelism, which distributed=ddp runs natively (with every "
@@ -250,8 +250,6 @@ class DeepSpeedStrategy(Strategy):
     def save_checkpoint(self, ckpt: Checkpointer, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                         state: dict[str, Any], rank_state: dict[str, Any], config_yaml: str) -> Path:
         from safetensors.torch import save_file
-
-        from lrpretrain.checkpoint import _unshared
 
         tmp = Path(comm.on_main(lambda: str(ckpt.begin(step))))
         # DeepSpeed's part: every rank writes its partitions (and barriers inside)

@@ -53,7 +53,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from lrpretrain import comm
-from lrpretrain.checkpoint import SHARDED
+from lrpretrain.checkpoint import SHARDED, Checkpointer
 from lrpretrain.comm import local
 from lrpretrain.distributed.strategy import Resumed, Strategy, register_strategy
 from lrpretrain.errors import CheckpointError, ConfigError
@@ -61,7 +61,6 @@ from lrpretrain.methods import get_method
 from lrpretrain.optim.clip import clip_coefficient, total_norm
 
 if TYPE_CHECKING:
-    from lrpretrain.checkpoint import Checkpointer
     from lrpretrain.config import Config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -184,8 +183,6 @@ class FSDP2(Strategy):
 
     def load_checkpoint(self, ckpt: Checkpointer, how: str, model: nn.Module, optimizer: torch.optim.Optimizer,
                         warn: Callable[[str], None]) -> Resumed | None:
-        from lrpretrain.checkpoint import Checkpointer
-
         path = self.find_checkpoint(ckpt, how, warn)
         if path is None:
             return None

@@ -64,11 +64,12 @@ import torch.distributed as dist
 from torch import nn
 
 from lrpretrain import comm
+from lrpretrain.checkpoint import Checkpointer
+from lrpretrain.distributed.data import stream_for
 from lrpretrain.errors import CheckpointError, ConfigError
 from lrpretrain.optim.clip import total_norm
 
 if TYPE_CHECKING:
-    from lrpretrain.checkpoint import Checkpointer
     from lrpretrain.config import Config
 
 
@@ -245,8 +246,6 @@ class Strategy:
     def data_stream(self, make: Callable[[int, int, int], Any], micro_batch_size: int) -> Any:
         """The training stream of this rank. ``make(micro_batch_size, rank, world_size)`` builds a
         :class:`~lrpretrain.data.TokenStream`; see :mod:`lrpretrain.distributed.data`."""
-        from lrpretrain.distributed.data import stream_for
-
         return stream_for(self.dcfg.data, make, micro_batch_size, self.rank, self.world_size)
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -270,8 +269,6 @@ class Strategy:
                         warn: Callable[[str], None]) -> Resumed | None:
         """Load ``trainer.resume`` (auto: the newest complete checkpoint) into model and optimizer;
         None when there is nothing to resume."""
-        from lrpretrain.checkpoint import Checkpointer
-
         path = self.find_checkpoint(ckpt, how, warn)
         if path is None:
             return None
@@ -309,8 +306,6 @@ class Strategy:
 
 
 def _latest_verified(ckpt: Checkpointer, warn: Callable[[str], None]) -> str | None:
-    from lrpretrain.checkpoint import Checkpointer
-
     for path in ckpt.complete_steps():
         try:
             Checkpointer.verify(path)
@@ -321,8 +316,6 @@ def _latest_verified(ckpt: Checkpointer, warn: Callable[[str], None]) -> str | N
 
 
 def _verified(path: str) -> str:
-    from lrpretrain.checkpoint import Checkpointer
-
     Checkpointer.verify(Path(path))
     return path
 
