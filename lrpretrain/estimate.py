@@ -36,7 +36,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lrpretrain.config import Config, load_config
+from lrpretrain.config import Config
 from lrpretrain.errors import UserError
 from lrpretrain.methods import get_method
 from lrpretrain.model.memory import (
@@ -48,6 +48,7 @@ from lrpretrain.model.memory import (
 )
 from lrpretrain.optim.memory import optimizer_temp_bytes
 from lrpretrain.options import split_options
+from lrpretrain.train import load_config
 
 GiB = 2**30
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from lrpretrain.config import load_config
 from lrpretrain.errors import ConfigError
 from lrpretrain.methods import get_method
 from lrpretrain.methods.base import dense_state_dict
@@ -20,6 +19,7 @@ from lrpretrain.methods.toolkit import (
 )
 from lrpretrain.model import build_model
 from lrpretrain.optim import AdamW
+from lrpretrain.train import load_config
 
 
 @pytest.fixture

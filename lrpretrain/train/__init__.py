@@ -1,4 +1,5 @@
-"""Build every part of a run from its config and hand them to the Trainer."""
+"""Load a run's config (:mod:`lrpretrain.train.assemble`), build every part of the run from it and hand
+them to the Trainer."""
 
 from __future__ import annotations
 
@@ -18,13 +19,14 @@ from lrpretrain.errors import ConfigError
 from lrpretrain.methods import Method, get_method
 from lrpretrain.metrics import MetricsLogger
 from lrpretrain.model import build_model
+from lrpretrain.train.assemble import from_yaml, load_config
 from lrpretrain.train.per_layer import PerLayerUpdate
 from lrpretrain.train.recompute import apply_recompute, graph_is_reusable
 from lrpretrain.train.rng import seed_everything
 from lrpretrain.train.rundir import prepare_run_dir
 from lrpretrain.train.trainer import Trainer, TrainingStopped
 
-__all__ = ["Trainer", "TrainingStopped", "build_trainer", "train", "resolve_device"]
+__all__ = ["Trainer", "TrainingStopped", "build_trainer", "train", "resolve_device", "load_config", "from_yaml"]
 
 
 def resolve_device(cfg: Config) -> torch.device:
