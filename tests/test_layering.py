@@ -20,26 +20,27 @@ REPO = Path(__file__).resolve().parents[1]
 # Source folders and the package names they are installed under (pyproject's package-dir).
 ROOTS = {"lrpretrain": "lrpretrain", "kernels": "lrpretrain.kernels", "data_recipes": "lrpretrain.data_recipes"}
 
-# Lowest first. A part may import parts of lower layers only; parts of one layer do not import each
-# other (so each layer can be read, and tested, without its neighbours).
+# Lowest first, as in the README ("Layering"). A part may import parts of lower layers only; parts of
+# one layer do not import each other (so each layer reads, and tests, without its neighbours).
 LAYERS: list[tuple[str, ...]] = [
     ("lrpretrain", "errors", "paths", "comm"),  # the package root (its version), user errors, cache paths,
                                                 # process-group helpers: over the standard library and torch
-    ("config", "options", "data_recipes"),      # config schemas + Hydra composition; tools' --options; data recipes
+    ("config", "options", "data_recipes"),      # schemas + Hydra composition; the tools' --options; data recipes
     ("model", "data", "optim", "kernels"),      # leaves over torch, with the shared numeric helpers
     ("methods",),                               # plugins over model + optim + kernels
     ("checkpoint", "metrics"),                  # run-state files; metric sinks
     ("distributed",),                           # strategies: wrap, step, save and load a built run
-    ("train",),                                 # assembles a run (config loading, cross-part validation), the loop
+    ("train",),                                 # assembles a run (config loading, checks across parts), the loop
     ("estimate", "generate", "sweep"),          # tools over a run
-    ("bench",),                                 # measures a run beside its estimate
+    ("bench",),                                 # measures a run, beside its estimate
     ("cli",),                                   # the command line
 ]
 
 # Function-local imports of lrpretrain modules that stay: (importing file, imported module) -> why.
-# Each defers an optional or heavy third-party dependency that the imported module needs at import time.
-FUNCTION_IMPORTS_ALLOWED: dict[tuple[str, str], str] = {
-}
+# Only for deferring an optional or heavy third-party dependency that the imported module needs at
+# import time (the import carries a comment saying so). None at present: deepspeed, bitsandbytes,
+# submitit and wandb are imported on first use inside the modules that need them.
+FUNCTION_IMPORTS_ALLOWED: dict[tuple[str, str], str] = {}
 
 
 @dataclass(frozen=True)
