@@ -52,12 +52,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from lrpretrain.config import load_config
     from lrpretrain.methods import get_method
     from lrpretrain.methods.cola import cola_m_saved_bytes
     from lrpretrain.methods.crnet import crnet_saved_bytes
     from lrpretrain.methods.toolkit import parameter_counts, saved_activation_bytes
     from lrpretrain.model import build_model, lm_loss
+    from lrpretrain.train import load_config
 
     load_before = os.getloadavg()
     built, rows = {}, {}

@@ -44,10 +44,10 @@ def count_parameters(overrides: list[str]) -> dict[str, int]:
     """Total and trainable parameters of the model the method builds (a CPU build, same seed)."""
     import torch
 
-    from lrpretrain.config import load_config
     from lrpretrain.methods import get_method
     from lrpretrain.methods.toolkit import parameter_counts
     from lrpretrain.model import build_model
+    from lrpretrain.train import load_config
 
     cfg, _ = load_config(overrides)
     torch.manual_seed(cfg.seed)

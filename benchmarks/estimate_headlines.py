@@ -15,8 +15,8 @@ import json
 import time
 from pathlib import Path
 
-from lrpretrain.config import load_config
 from lrpretrain.estimate import estimate
+from lrpretrain.train import load_config
 
 RESULTS = Path(__file__).parent / "results"
 GB = 1e9

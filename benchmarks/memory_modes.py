@@ -66,8 +66,7 @@ def reset_peak_rss() -> None:
 
 
 def measure_one(overrides: list[str], warmup: int, steps: int) -> dict:
-    from lrpretrain.config import load_config
-    from lrpretrain.train import build_trainer
+    from lrpretrain.train import build_trainer, load_config
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg, resolved = load_config([*overrides, f"run.dir={tmp}/run", "trainer.eval_at_start=false",

@@ -49,8 +49,8 @@ METHODS = {
 
 
 def configure(model_name: str, overrides: list[str], gap: int | None):
-    from lrpretrain.config import load_config
     from lrpretrain.methods import get_method
+    from lrpretrain.train import load_config
 
     extra = [f"method.update_proj_gap={gap}"] if gap else []
     cfg, _ = load_config([f"model={model_name}", *overrides, *extra])
@@ -59,8 +59,8 @@ def configure(model_name: str, overrides: list[str], gap: int | None):
 
 def shared_model(model_name: str):
     """The model on its real shapes with fixed random gradients, shared by every optimizer."""
-    from lrpretrain.config import load_config
     from lrpretrain.model import build_model
+    from lrpretrain.train import load_config
 
     cfg, _ = load_config([f"model={model_name}"])
     torch.manual_seed(0)

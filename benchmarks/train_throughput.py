@@ -45,8 +45,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="lrpretrain train overrides")
     args = ap.parse_args()
 
-    from lrpretrain.config import load_config
-    from lrpretrain.train import build_trainer
+    from lrpretrain.train import build_trainer, load_config
 
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [*args.overrides, f"run.dir={tmp}/run", "trainer.eval_at_start=false", "logging.progress=none",

@@ -42,6 +42,10 @@ from typing import Any
 import torch
 
 from lrpretrain.errors import UserError
+from lrpretrain.estimate import estimate
+from lrpretrain.methods.toolkit import saved_activation_bytes
+from lrpretrain.options import split_options
+from lrpretrain.train import build_trainer, load_config
 
 # Dense (no sparsity) peak FLOP/s by device name substring: (bf16 tensor core, fp32 without TF32).
 PEAK_FLOPS: dict[str, tuple[float, float]] = {
@@ -165,11 +169,6 @@ def machine() -> dict[str, Any]:
 
 def bench(overrides: list[str], warmup: int = 2, steps: int = 5, memory: bool = True) -> dict[str, Any]:
     """Build the run as training does, time ``steps`` updates after ``warmup``, measure one more."""
-    from lrpretrain.config import load_config
-    from lrpretrain.estimate import estimate
-    from lrpretrain.methods.toolkit import saved_activation_bytes
-    from lrpretrain.train import build_trainer
-
     if warmup < 0 or steps < 1:
         raise UserError(f"--warmup={warmup} --steps={steps} is invalid: need warmup >= 0 and steps >= 1")
     threads = torch.get_num_threads()  # trainer.threads sets it process-wide; restored on the way out
@@ -180,14 +179,14 @@ def bench(overrides: list[str], warmup: int = 2, steps: int = 5, memory: bool = 
         cfg, resolved = load_config([*overrides, *forced])
         trainer = build_trainer(cfg, resolved)
         try:
-            return _measure(cfg, trainer, warmup, steps, memory, estimate, saved_activation_bytes)
+            return _measure(cfg, trainer, warmup, steps, memory)
         finally:
             trainer.data.close()
             trainer.logger.close()
             torch.set_num_threads(threads)
 
 
-def _measure(cfg, trainer, warmup: int, steps: int, memory: bool, estimate, saved_activation_bytes) -> dict[str, Any]:
+def _measure(cfg, trainer, warmup: int, steps: int, memory: bool) -> dict[str, Any]:
     device = trainer.device
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -219,13 +218,13 @@ def _measure(cfg, trainer, warmup: int, steps: int, memory: bool, estimate, save
         "loss": losses[-1],
     }
     if memory:
-        out.update(_memory(trainer, cuda, saved_activation_bytes))
+        out.update(_memory(trainer, cuda))
     est = estimate(cfg, precision=trainer.precision)
     out["estimate"] = est.as_dict()
     return out
 
 
-def _memory(trainer, cuda: bool, saved_activation_bytes) -> dict[str, Any]:
+def _memory(trainer, cuda: bool) -> dict[str, Any]:
     model, opt = trainer.model, trainer.optimizer
     params = [p for p in model.parameters()]
     trainable = [p for p in params if p.requires_grad]
@@ -321,8 +320,6 @@ def format_result(r: dict[str, Any]) -> str:
 
 def main(args: list[str]) -> int:
     """``lrpretrain bench [overrides] [--warmup N] [--steps N] [--no-memory] [--json PATH]``."""
-    from lrpretrain.cli.options import split_options
-
     opts, flags, overrides = split_options(args, "bench", {"--warmup": "N", "--steps": "N", "--json": "PATH"},
                                            ("--no-memory",))
     memory = "--no-memory" not in flags

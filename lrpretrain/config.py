@@ -1,17 +1,22 @@
-"""Config schemas and loading.
+"""Config schemas and their Hydra composition.
 
 Hydra composes ``conf/`` (a defaults list over the groups ``model/ method/ data/ optim/ trainer/``)
 onto the dataclasses below, registered in Hydra's ConfigStore, so a misspelled key or a value of the
 wrong type fails at composition. Each method plugin brings its own config dataclass (see
-``lrpretrain.methods``). :func:`load_config` turns every composition failure into a one-line
-:class:`~lrpretrain.errors.ConfigError`, then validates values: each dataclass checks its own fields in
-``validate()``; checks that span sections live in :func:`validate_config`.
+``lrpretrain.methods``), handed in by the caller: this module imports nothing of lrpretrain but its
+errors. :func:`compose` turns every composition failure into a one-line
+:class:`~lrpretrain.errors.ConfigError`; :func:`to_typed` checks keys and types; each dataclass checks
+its own fields in ``validate()`` (:func:`validate_sections`), and :func:`validate_across_sections`
+the values that span sections. Loading a run's config, with the checks that need the model, the
+method and the strategy together, is :func:`lrpretrain.train.load_config`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -269,19 +274,33 @@ def group_options(group: str) -> list[str]:
     return sorted(names)
 
 
-def register_configs() -> None:
-    """Put the schemas (and every registered method plugin's schema) into Hydra's ConfigStore."""
-    from hydra.core.config_store import ConfigStore
+def job_slug(override_dirname: str) -> str:
+    """A sweep job's directory name from its swept overrides (Hydra's ``hydra.job.override_dirname``)."""
+    slug = re.sub(r"[^\w.=,+-]", "_", override_dirname) or "job"
+    if len(slug) > 120:  # keep names well below filesystem limits; the hash keeps them distinct
+        slug = slug[:100] + "-" + hashlib.sha1(override_dirname.encode()).hexdigest()[:12]
+    return slug
 
-    from lrpretrain.methods import available_methods, get_method
-    from lrpretrain.sweep import register_resolver
+
+def register_resolver() -> None:
+    """``${lrp_slug:...}`` (hydra.sweep.subdir in conf/config.yaml)."""
+    if not OmegaConf.has_resolver("lrp_slug"):
+        OmegaConf.register_new_resolver("lrp_slug", job_slug)
+
+
+# A method plugin's name -> its config dataclass (every registered plugin; lrpretrain.methods has them).
+MethodSchemas = Mapping[str, type]
+
+
+def register_configs(method_schemas: MethodSchemas) -> None:
+    """Put the schemas (and every method plugin's schema) into Hydra's ConfigStore."""
+    from hydra.core.config_store import ConfigStore
 
     register_resolver()  # hydra.sweep.subdir in conf/config.yaml
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     yaml_methods = {p.stem for p in (conf_dir() / "method").glob("*.yaml")}
-    for name in available_methods():
-        schema = get_method(name).Config
+    for name, schema in method_schemas.items():
         # conf/method/<name>.yaml starts from this schema (`- /method_schema/<name>@_here_`);
         # a third-party plugin without a YAML is selectable through its schema alone.
         cs.store(group="method_schema", name=name, node=schema(name=name))
@@ -297,18 +316,15 @@ def _first_line(e: BaseException | None) -> str:
     return str(e).strip().splitlines()[0] if e is not None and str(e).strip() else type(e).__name__
 
 
-def _keys_hint(section: str, overrides: list[str]) -> str:
+def _keys_hint(section: str, overrides: list[str], method_schemas: MethodSchemas) -> str:
     """'keys in <section>: ...' for a config section (the selected method's for 'method')."""
     if not section:
         return f"top-level keys: {allowed(f.name for f in fields(Config))}"
     if section == "method":
-        from lrpretrain.methods import get_method
-
         name = next((o.split("=", 1)[1] for o in overrides if o.startswith("method=")), "full")
-        try:
-            return f"keys of method '{name}': {allowed(f.name for f in fields(get_method(name).Config))}"
-        except ConfigError:
+        if name not in method_schemas:
             return "see conf/method/"
+        return f"keys of method '{name}': {allowed(f.name for f in fields(method_schemas[name]))}"
     f = {f.name: f for f in fields(Config)}.get(section)
     schema = f.default_factory if f is not None and callable(f.default_factory) else None
     schema = schema or (globals().get(f.type) if f is not None and isinstance(f.type, str) else None)
@@ -317,7 +333,7 @@ def _keys_hint(section: str, overrides: list[str]) -> str:
     return "see the config tree in the README"
 
 
-def _composition_error(e: Exception, overrides: list[str]) -> ConfigError:
+def _composition_error(e: Exception, overrides: list[str], method_schemas: MethodSchemas) -> ConfigError:
     msg = str(e)
     cause = e.__cause__
     m = re.search(r"Could not (?:find|load) '([\w/]+)/([^']+)'", msg)
@@ -331,7 +347,7 @@ def _composition_error(e: Exception, overrides: list[str]) -> ConfigError:
     if m:
         key = m.group(1)
         parent = key.rsplit(".", 1)[0] if "." in key else ""
-        return ConfigError(f"unknown config key '{key}'; {_keys_hint(parent, overrides)}")
+        return ConfigError(f"unknown config key '{key}'; {_keys_hint(parent, overrides, method_schemas)}")
     m = re.search(r"Ambiguous value for argument '([^']+)'", msg)
     if m:
         return ConfigError(f"override '{m.group(1)}' lists several values: run a sweep with `lrpretrain train -m ...`, "
@@ -362,28 +378,27 @@ def _unknown_keys(node: DictConfig, schema: type, prefix: str) -> list[str]:
     return bad
 
 
-def compose(overrides: list[str]) -> DictConfig:
+def compose(overrides: list[str], method_schemas: MethodSchemas) -> DictConfig:
     """Compose conf/config.yaml with Hydra overrides; any failure becomes one ConfigError line."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    register_configs()
+    register_configs(method_schemas)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
             cfg = hydra_compose("config", overrides=list(overrides))
     except Exception as e:  # Hydra raises several exception types; all are the user's overrides
-        raise _composition_error(e, list(overrides)) from e
+        raise _composition_error(e, list(overrides), method_schemas) from e
     finally:
         GlobalHydra.instance().clear()
     return cfg
 
 
-def to_typed(cfg: DictConfig) -> Config:
-    """Resolve and convert to dataclasses, rejecting unknown keys and invalid values."""
-    from lrpretrain.methods import get_method
-
+def to_typed(cfg: DictConfig, method_schema: Callable[[str], type]) -> Config:
+    """Resolve and convert to dataclasses, rejecting unknown keys and invalid values.
+    ``method_schema(name)``: the method plugin's config dataclass (a ConfigError for an unknown name)."""
     try:
         OmegaConf.resolve(cfg)
     except Exception as e:
@@ -398,13 +413,13 @@ def to_typed(cfg: DictConfig) -> Config:
     method_name = cfg.method.get("name") if isinstance(cfg.get("method"), DictConfig) else None
     if not method_name:
         raise ConfigError("method.name is missing; select a method with method=NAME")
-    plugin = get_method(method_name)
-    bad = _unknown_keys(cfg.method, plugin.Config, "method")
+    schema = method_schema(method_name)
+    bad = _unknown_keys(cfg.method, schema, "method")
     if bad:
-        known = ", ".join(f.name for f in fields(plugin.Config))
+        known = ", ".join(f.name for f in fields(schema))
         raise ConfigError(f"unknown config key '{bad[0]}' for method '{method_name}'; keys: {known}")
     try:
-        method_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(plugin.Config), cfg.method))
+        method_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg.method))
         missing = OmegaConf.missing_keys(cfg)
         if missing:
             raise ConfigError(f"config value missing for '{sorted(missing)[0]}'")
@@ -418,13 +433,15 @@ def to_typed(cfg: DictConfig) -> Config:
     return typed
 
 
-def validate_config(cfg: Config, world_size: int = 1) -> None:
-    """Section checks, then the checks that span sections."""
+def validate_sections(cfg: Config) -> None:
+    """Each section's own checks (its dataclass's ``validate()``, the method's included)."""
     for section in (cfg.model, cfg.data, cfg.optim, cfg.trainer, cfg.distributed, cfg.eval, cfg.logging, cfg.method):
         if hasattr(section, "validate"):
             section.validate()
-    if hasattr(cfg.method, "validate_for_model"):  # checks that need the model's shapes (e.g. rank <= min(m, n))
-        cfg.method.validate_for_model(cfg.model)
+
+
+def validate_across_sections(cfg: Config, world_size: int) -> None:
+    """The checks that span sections of this module's schemas (rows, batch split, device)."""
     check(cfg.data.seq_len <= cfg.model.max_seq_len, "data.seq_len", cfg.data.seq_len,
           f"must be <= model.max_seq_len={cfg.model.max_seq_len} for model={cfg.model.name}")
     t = cfg.trainer
@@ -432,15 +449,6 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
     check(t.batch_size % per_step == 0, "trainer.batch_size", t.batch_size,
           f"must be a multiple of trainer.micro_batch_size x world_size = {t.micro_batch_size} x {world_size}")
     check(cfg.trainer.device != "cuda" or _cuda_available(), "trainer.device", "cuda", "no CUDA device is available")
-    from lrpretrain.distributed.strategy import get_strategy
-
-    get_strategy(cfg.distributed.strategy).validate(cfg, world_size)  # combinations the strategy refuses
-    if t.recompute == "method":
-        from lrpretrain.methods import get_method
-
-        has_policy = get_method(cfg.method.name)(cfg.method, cfg.model).recompute_policy() is not None
-        check(has_policy, "trainer.recompute", t.recompute,
-              f"method '{cfg.method.name}' has no recompute policy of its own; allowed: none, full, selective")
 
 
 def _cuda_available() -> bool:
@@ -453,22 +461,5 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def load_config(overrides: list[str], world_size: int | None = None) -> tuple[Config, DictConfig]:
-    """Compose, resolve, type-check and validate. Returns the typed config and its resolved DictConfig."""
-    raw = compose(overrides)
-    typed = to_typed(raw)
-    validate_config(typed, world_size_from_env() if world_size is None else world_size)
-    return typed, to_dictconfig(typed)
-
-
 def to_dictconfig(cfg: Config) -> DictConfig:
     return OmegaConf.structured(cfg)
-
-
-def from_yaml(path: str | os.PathLike) -> Config:
-    """Load a resolved config.yaml written into a run directory."""
-    raw = OmegaConf.load(path)
-    assert isinstance(raw, DictConfig)
-    typed = to_typed(raw)
-    validate_config(typed, 1)
-    return typed

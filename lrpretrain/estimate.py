@@ -4,7 +4,9 @@ Nothing is built or allocated: every figure comes from the method plugin's ``cos
 hooks (:meth:`~lrpretrain.methods.Method.optimizer_state_bytes`,
 :meth:`~lrpretrain.methods.Method.activation_bytes`), so a 7B configuration is estimated in
 milliseconds on any machine. The memory model is that of *this* trainer, measured on the CPU by
-``lrpretrain bench`` (tests/test_estimate.py holds the two within 10%):
+``lrpretrain bench`` (tests/test_estimate.py holds the two within 10%). The formulas live next to what
+they describe, below the plugins that use them too: :mod:`lrpretrain.model.memory` (a LLaMA's
+activations and buffers) and :mod:`lrpretrain.optim.memory` (optimizer states and step temporaries).
 
 - **weights**: fp32 master parameters (also under bf16 autocast) + buffers (RoPE tables, SLTrain's
   support indices) + a method's own tensors (SwitchLoRA's candidate pools);
@@ -30,104 +32,25 @@ Peak = weights + optimizer states + the largest of three moments of an update:
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from lrpretrain.config import Config
 from lrpretrain.errors import UserError
-
-if TYPE_CHECKING:
-    from lrpretrain.config import Config, ModelConfig
+from lrpretrain.methods import get_method
+from lrpretrain.model.memory import (
+    autocast_weight_bytes,
+    largest_trainable,
+    loss_transient_bytes,
+    outside_layers_bytes,
+    rope_bytes,
+)
+from lrpretrain.optim.memory import optimizer_temp_bytes
+from lrpretrain.options import split_options
+from lrpretrain.train import load_config
 
 GiB = 2**30
-
-# -- activation formulas -------------------------------------------------------------------------------
-# Bytes per token that autograd saves for the backward, counted as torch 2.13 saves them (each storage
-# once, parameters and buffers excluded): see tests/test_estimate.py, which measures them with
-# saved_tensors_hooks. d = model.dim, f = model.ffn_dim, H = model.n_heads.
-
-
-def llama_layer_bytes(model_cfg: ModelConfig, recompute: str, bf16: bool) -> float:
-    """Bytes per token that one plain LLaMA decoder block keeps for the backward.
-
-    ``none``, fp32: 10d + 4f + H + 2 values: the two RMSNorms' inputs, normalised values and outputs
-    and 1/rms (3d + 1 each), q and k before RoPE and their rotated halves (4d), the RoPE'd q, k and v
-    (3d), the attention output and its head-merged copy (2d) and log-sum-exp (H), SwiGLU's gate, up,
-    SiLU(gate) and product (4f). Under bf16 autocast the matmul inputs are bf16 copies (one per
-    projection that reads them) and the residual stream stays fp32: 34d + 8f + 4H + 8 bytes.
-    ``full``: the block's input (the fp32 residual stream), 4d bytes.
-    ``selective``: its input plus the kept matmul and attention outputs (q, k, v, o, down: 5d;
-    gate, up: 2f; attention output d, log-sum-exp H), in the matmuls' dtype.
-    """
-    d, f, H = model_cfg.dim, model_cfg.ffn_dim, model_cfg.n_heads
-    if recompute == "full":
-        return 4.0 * d
-    if recompute == "selective":
-        return 4.0 * d + (2.0 if bf16 else 4.0) * (6 * d + 2 * f) + 4.0 * H
-    if bf16:
-        return 34.0 * d + 8.0 * f + 4.0 * H + 8.0
-    return 4.0 * (10 * d + 4 * f + H + 2)
-
-
-def outside_layers_bytes(model_cfg: ModelConfig, seq_len: int, bf16: bool) -> float:
-    """Bytes per token saved outside the decoder blocks: token ids (int64), the final RMSNorm
-    (3d + 1 fp32; under bf16 the LM head's bf16 input instead of the fp32 one) and the loss: the fp32
-    log-softmax of the shifted logits and the int64 targets (T - 1 positions per row)."""
-    d, V = model_cfg.dim, model_cfg.vocab_size
-    norm = (10.0 * d + 4.0) if bf16 else 4.0 * (3 * d + 1)
-    return 8.0 + norm + (4.0 * V + 8.0) * (seq_len - 1) / seq_len
-
-
-def loss_transient_bytes(model_cfg: ModelConfig, seq_len: int, bf16: bool) -> tuple[float, float]:
-    """Bytes per token alive beside the saved activations (end of forward, start of backward).
-
-    End of forward, inside the loss: the logits and the contiguous copy of the shifted logits (and,
-    under bf16, its fp32 copy) beside the log-softmax. Start of backward: one logits-sized fp32
-    gradient (the log-softmax's saved output is released as the next gradient is made).
-    """
-    V = model_cfg.vocab_size
-    logit = 2.0 if bf16 else 4.0
-    return V * (logit + logit + (4.0 if bf16 else 0.0)), 4.0 * V
-
-
-def autocast_weight_bytes(matmul_params: float) -> float:
-    """bf16 autocast caches a bf16 copy of every weight it casts until the forward's autocast region
-    ends (and the matmuls save them for the backward): 2 bytes per matmul weight entry."""
-    return 2.0 * matmul_params
-
-
-# -- optimizer states ------------------------------------------------------------------------------------
-
-
-def moment_pair_bytes(numel: float, bits: int) -> float:
-    """Bytes of Adam's two moments of one tensor: fp32, or blockwise 8-bit codes + fp32 absmax per 256."""
-    from lrpretrain.optim import quant8
-
-    if quant8.use_8bit(int(numel), bits):
-        return 2.0 * (numel + 4 * math.ceil(numel / quant8.BLOCK))
-    return 8.0 * numel
-
-
-def adamw_state_bytes(model_cfg: ModelConfig, trainable_params: float, bits: int) -> float:
-    """AdamW's state for a LLaMA with ``trainable_params`` trainable entries: two moments per tensor
-    and a 0-d fp32 step. Embedding, LM head and norm weights are counted tensor by tensor (the norms
-    keep fp32 moments below bitsandbytes' 4096-entry threshold); the rest, the decoder's matrices, as
-    large tensors."""
-    d, V, L = model_cfg.dim, model_cfg.vocab_size, model_cfg.n_layers
-    embeddings = [V * d] * (1 if model_cfg.tie_embeddings else 2)
-    norms = [d] * (2 * L + 1)
-    rest = trainable_params - sum(embeddings) - sum(norms)
-    n_rest = 7 * L  # tensors: about one per projection (step counters only)
-    total = sum(moment_pair_bytes(n, bits) for n in embeddings + norms)
-    total += moment_pair_bytes(rest, bits) if rest > 0 else 0.0
-    return total + 4.0 * (len(embeddings) + len(norms) + n_rest)
-
-
-def optimizer_temp_bytes(largest: float, bits: int) -> float:
-    """Temporaries of one parameter's AdamW step: sqrt(v) and its scaled copy; with 8-bit states also
-    the dequantised m and v and their requantised codes."""
-    return 4.0 * largest * (2 + (2 if bits == 8 else 0)) + (2.0 * largest if bits == 8 else 0.0)
 
 
 # -- the estimate -----------------------------------------------------------------------------------------
@@ -181,8 +104,6 @@ def estimate(cfg: Config, budget: float | None = None, precision: str | None = N
     32-bit optimizer states held in bf16 (GaLore's reference casts the whole model to bf16; no fp32
     master weights, no autocast copies). ``lrpretrain train`` does not train this way.
     """
-    from lrpretrain.methods import get_method
-
     t, mc = cfg.trainer, cfg.model
     plugin = get_method(cfg.method.name)(cfg.method, mc)
     T, B = cfg.data.seq_len, t.micro_batch_size
@@ -237,16 +158,6 @@ def estimate(cfg: Config, budget: float | None = None, precision: str | None = N
                     transients=transients, peak=peak, peak_at=peak_at, budget=budget)
 
 
-def rope_bytes(model_cfg: ModelConfig) -> float:
-    """The RoPE cos and sin tables (fp32, max_seq_len x head_dim each)."""
-    return 2.0 * 4 * model_cfg.max_seq_len * (model_cfg.dim // model_cfg.n_heads)
-
-
-def largest_trainable(model_cfg: ModelConfig) -> int:
-    """Entries of the largest trainable tensor of a LLaMA: the embedding (or a dense MLP matrix)."""
-    return max(model_cfg.vocab_size * model_cfg.dim, model_cfg.ffn_dim * model_cfg.dim)
-
-
 # -- budgets and output -------------------------------------------------------------------------------------
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -293,9 +204,6 @@ def format_estimate(e: Estimate) -> str:
 
 def main(args: list[str]) -> int:
     """``lrpretrain estimate [overrides] [--budget SIZE] [--json]``."""
-    from lrpretrain.cli.options import split_options
-    from lrpretrain.config import load_config
-
     values, flags, overrides = split_options(args, "estimate", {"--budget": "24GB"}, ("--pure-bf16", "--json"))
     budget = parse_budget(values["--budget"]) if "--budget" in values else None
     as_json, pure = "--json" in flags, "--pure-bf16" in flags

@@ -9,8 +9,11 @@ import torch
 from omegaconf import OmegaConf
 
 from lrpretrain.checkpoint import Checkpointer, load_sharded_model
-from lrpretrain.config import from_yaml
+from lrpretrain.data import load_tokenizer
 from lrpretrain.errors import CheckpointError, ConfigError
+from lrpretrain.methods import get_method
+from lrpretrain.model import build_model, generate
+from lrpretrain.train import from_yaml
 
 
 @dataclass
@@ -44,10 +47,6 @@ def parse_overrides(args: list[str]) -> GenerateConfig:
 
 
 def generate_from_run(args: list[str]) -> str:
-    from lrpretrain.data import load_tokenizer
-    from lrpretrain.methods import get_method
-    from lrpretrain.model import build_model, generate
-
     g = parse_overrides(args)
     run_dir = Path(g.run.dir)
     if not (run_dir / "config.yaml").exists():

@@ -22,11 +22,9 @@ has saved, submitit's own handler requeues the job, which then resumes.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
-import re
 import signal
 import sys
 import time
@@ -36,8 +34,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lrpretrain.checkpoint import atomic_write_text
+from lrpretrain.comm import rank
+from lrpretrain.config import conf_dir, job_slug, register_resolver, to_dictconfig, world_size_from_env
 from lrpretrain.errors import ConfigError, UserError
+from lrpretrain.train import train
+from lrpretrain.train.assemble import compose, register_configs, to_typed, validate_config
 from lrpretrain.train.lock import RunLock
+from lrpretrain.train.rundir import config_differences
 
 JOB_FILE = "sweep_job.json"
 SUMMARY_FIELDS = ("job", "method", "overrides", "status", "step", "val_loss", "val_ppl", "tokens_per_s",
@@ -49,20 +53,6 @@ _stopped_by: str | None = None  # a signal pre-empted a job of this process: sta
 # Job directories
 
 
-def job_slug(override_dirname: str) -> str:
-    """A job's directory name from its swept overrides (Hydra's ``hydra.job.override_dirname``)."""
-    slug = re.sub(r"[^\w.=,+-]", "_", override_dirname) or "job"
-    if len(slug) > 120:  # keep names well below filesystem limits; the hash keeps them distinct
-        slug = slug[:100] + "-" + hashlib.sha1(override_dirname.encode()).hexdigest()[:12]
-    return slug
-
-
-def register_resolver() -> None:
-    """``${lrp_slug:...}`` (hydra.sweep.subdir in conf/config.yaml)."""
-    if not OmegaConf.has_resolver("lrp_slug"):
-        OmegaConf.register_new_resolver("lrp_slug", job_slug)
-
-
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
@@ -71,8 +61,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_job_file(run_dir: Path, info: dict[str, Any]) -> None:
-    from lrpretrain.checkpoint import atomic_write_text
-
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / JOB_FILE, json.dumps({**info, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")},
                                                      indent=1) + "\n")
@@ -80,8 +68,6 @@ def _write_job_file(run_dir: Path, info: dict[str, Any]) -> None:
 
 def _finished(run_dir: Path, max_steps: int, resolved: DictConfig) -> dict[str, Any] | None:
     """The job file of a run that completed at least ``max_steps`` with this config, else None."""
-    from lrpretrain.train.rundir import config_differences
-
     info = _read_json(run_dir / JOB_FILE)
     stored = run_dir / "config.yaml"
     if not info or info.get("status") != "complete" or int(info.get("step") or 0) < max_steps or not stored.exists():
@@ -94,8 +80,6 @@ def _finished(run_dir: Path, max_steps: int, resolved: DictConfig) -> dict[str, 
 def _check_same_run(run_dir: Path, typed, resolved: DictConfig) -> None:
     """Refuse a job directory holding a run with another config before building anything (train()
     would refuse it too, after loading data and model)."""
-    from lrpretrain.train.rundir import config_differences
-
     stored = run_dir / "config.yaml"
     if not stored.exists() or typed.run.overwrite or typed.trainer.resume != "auto":
         return
@@ -124,10 +108,6 @@ def job(cfg: DictConfig) -> dict[str, Any]:
     failed run: the failure is recorded so that the sweep goes on and the summary shows it)."""
     global _stopped_by
     from hydra.core.hydra_config import HydraConfig
-
-    from lrpretrain.config import to_dictconfig, to_typed, validate_config, world_size_from_env
-    from lrpretrain.distributed import rank
-    from lrpretrain.train import train
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -209,8 +189,6 @@ def _validate_jobs(task_overrides: list, launcher: str, swept: set[str]) -> list
     """Compose and check every job's config before any job starts; returns each job's overrides."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
-    from lrpretrain.config import compose, to_typed, validate_config
-
     try:
         jobs = BasicSweeper.split_arguments(task_overrides, None)[0]
     except Exception as e:
@@ -257,8 +235,6 @@ def run_sweep(overrides: list[str], dry_run: bool = False) -> int:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from hydra.types import RunMode
-
-    from lrpretrain.config import conf_dir, register_configs
 
     _stopped_by = None
     register_configs()
@@ -351,19 +327,19 @@ def job_row(run_dir: Path) -> dict[str, Any]:
     """One summary row from a job directory: its job file, config.yaml and metrics.jsonl."""
     info = _read_json(run_dir / JOB_FILE) or {}
     recs = _metrics(run_dir)
-    train = [r for r in recs if r.get("loss") is not None]
+    steps = [r for r in recs if r.get("loss") is not None]
     vals = [r for r in recs if r.get("val_ppl") is not None]
     method = None
     if (run_dir / "config.yaml").exists():
         method = OmegaConf.select(OmegaConf.load(run_dir / "config.yaml"), "method.name")
     # Throughput: tokens over seconds of the logged steps, without the first step (warm-up).
-    timed = [r for r in train if r.get("step", 0) > 1 and r.get("step_time")]
+    timed = [r for r in steps if r.get("step", 0) > 1 and r.get("step_time")]
     seconds = sum(r["step_time"] for r in timed)
     tokens_per_s = sum(r["tokens_per_s"] * r["step_time"] for r in timed) / seconds if seconds > 0 else None
-    peaks = [r["peak_mem_mb"] for r in train if r.get("peak_mem_mb") is not None]
+    peaks = [r["peak_mem_mb"] for r in steps if r.get("peak_mem_mb") is not None]
     return {
         "job": run_dir.name, "method": method, "overrides": info.get("swept", ""),
-        "status": info.get("status", "unknown"), "step": train[-1]["step"] if train else info.get("step"),
+        "status": info.get("status", "unknown"), "step": steps[-1]["step"] if steps else info.get("step"),
         "val_loss": vals[-1]["val_loss"] if vals else None, "val_ppl": vals[-1]["val_ppl"] if vals else None,
         "tokens_per_s": tokens_per_s, "peak_mem_mb": max(peaks) if peaks else None,
         "run_dir": str(run_dir), "error": info.get("error"),
@@ -397,8 +373,6 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     """Write ``summary.jsonl`` and ``summary.md`` into the sweep directory; returns the rows."""
-    from lrpretrain.checkpoint import atomic_write_text
-
     rows = summarize(sweep_dir)
     atomic_write_text(Path(sweep_dir) / "summary.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     note = ("Peak memory: CUDA max allocated on a GPU, peak resident set size of the process on the CPU. "

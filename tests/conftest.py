@@ -106,9 +106,9 @@ def prepare_with_dense(overrides: list[str], seed: int = 0):
     reparameterization: both models start from the same seeded initialisation."""
     import torch
 
-    from lrpretrain.config import load_config
     from lrpretrain.methods import get_method
     from lrpretrain.model import build_model
+    from lrpretrain.train import load_config
 
     cfg, _ = load_config(overrides)
     torch.manual_seed(seed)

@@ -44,10 +44,9 @@ class Kill(Method):
 def init_difference(overrides: list[str]) -> float | None:
     import torch
 
-    from lrpretrain.config import load_config
     from lrpretrain.distributed.strategy import build_strategy
     from lrpretrain.methods import get_method
-    from lrpretrain.train import model_builder
+    from lrpretrain.train import load_config, model_builder
 
     cfg, _ = load_config(overrides)
     strategy = build_strategy(cfg)

@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from test_errors import one_line
 
-from lrpretrain.config import load_config
 from lrpretrain.errors import UserError
 from lrpretrain.methods import get_method
 from lrpretrain.methods.cola import CoLABlock, CoLALinear, cola_m_saved_bytes
 from lrpretrain.methods.crnet import CRNetLLaMA, CrossLayerLinear, crnet_saved_bytes
 from lrpretrain.methods.toolkit import parameter_counts, saved_activation_bytes
 from lrpretrain.model import build_model, lm_loss
+from lrpretrain.train import load_config
 
 from conftest import TINY, losses
 

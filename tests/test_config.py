@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from lrpretrain.config import conf_dir, group_options, load_config
+from lrpretrain.config import conf_dir, group_options
 from lrpretrain.errors import ConfigError
+from lrpretrain.train import load_config
 
 
 @pytest.mark.parametrize("group", ["model", "method", "data", "optim", "trainer"])

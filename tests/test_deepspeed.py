@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from test_errors import one_line
 
 from lrpretrain.cli.main import strip_local_rank
-from lrpretrain.config import load_config
+from lrpretrain.train import load_config
 
 import lrp_test_plugins  # noqa: F401  (registers test_nan_forward)
 from conftest import REPO, TINY, USER_CACHE, losses, read_metrics

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lrpretrain.config import load_config
 from lrpretrain.errors import ConfigError
+from lrpretrain.train import load_config
 
 from conftest import TINY
 

@@ -8,12 +8,12 @@ import time
 import pytest
 import torch
 
-from lrpretrain.config import load_config
 from lrpretrain.errors import UserError
 from lrpretrain.estimate import estimate, outside_layers_bytes, parse_budget
 from lrpretrain.methods import available_methods, get_method
 from lrpretrain.methods.toolkit import saved_activation_bytes
 from lrpretrain.model import build_model, lm_loss
+from lrpretrain.train import load_config
 from lrpretrain.train.recompute import apply_recompute
 
 BUILTIN = ["full", "galore", "galore_dct", "fira", "apollo", "apollo_mini", "frugal", "lowrank", "lora", "relora",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lrpretrain.config import load_config
 from lrpretrain.model import build_model, flops_per_token, lm_loss, param_count
 from lrpretrain.model.llama import apply_rope, rope_cache
+from lrpretrain.train import load_config
 
 # ../shared/METHODS.md §13 (GaLore configs/*.json): total / non-embedding parameters, as printed there
 # (to 4 significant digits, so compared to 0.1%).

@@ -12,12 +12,13 @@ import torch
 from safetensors.torch import load_file
 from test_errors import one_line
 
-from lrpretrain.config import load_config
 from lrpretrain.errors import ConfigError
 from lrpretrain.methods import get_method
 from lrpretrain.model import build_model, lm_loss
 from lrpretrain.optim import AdamW
-from lrpretrain.train.per_layer import CLIP_EPS, PerLayerUpdate
+from lrpretrain.optim.clip import CLIP_EPS
+from lrpretrain.train import load_config
+from lrpretrain.train.per_layer import PerLayerUpdate
 
 import lrp_test_plugins  # noqa: F401  (registers test_fault, test_grad_fault, test_sgd)
 from conftest import TINY, read_metrics

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from test_errors import one_line
 
-from lrpretrain.config import load_config
 from lrpretrain.methods import get_method
 from lrpretrain.model import build_model, lm_loss
+from lrpretrain.train import load_config
 from lrpretrain.train.recompute import apply_recompute
 
 import lrp_test_plugins  # noqa: F401  (registers test_recompute)

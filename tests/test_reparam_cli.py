@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 from test_errors import one_line
 
-from lrpretrain.config import load_config
 from lrpretrain.methods import get_method
 from lrpretrain.model import build_model
 from lrpretrain.optim import lr_factor
+from lrpretrain.train import load_config
 
 from conftest import TINY, losses, read_metrics
 

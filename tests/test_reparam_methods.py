@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from lrpretrain.config import load_config
 from lrpretrain.methods import StepContext, get_method
 from lrpretrain.methods.lora import adapter_parameters, lora_modules
 from lrpretrain.methods.sltrain import SparseLowRankFunction, SparseLowRankLinear, support_gradient
 from lrpretrain.methods.toolkit import parameter_counts
 from lrpretrain.model import build_model
+from lrpretrain.train import load_config
 
 METHODS = ["lowrank", "lora", "relora", "periodic_lora", "sltrain"]
 

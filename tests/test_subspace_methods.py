@@ -7,9 +7,9 @@ import pytest
 import torch
 from test_errors import one_line
 
-from lrpretrain.config import load_config
 from lrpretrain.methods import get_method
 from lrpretrain.model import build_model
+from lrpretrain.train import load_config
 
 from conftest import TINY, losses, read_metrics
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from lrpretrain.config import load_config
 from lrpretrain.errors import ConfigError
 from lrpretrain.methods.targets import TargetsConfig, expand_targets, select_targets, set_module
 from lrpretrain.model import build_model
+from lrpretrain.train import load_config
 
 
 @pytest.fixture

@@ -6,20 +6,20 @@ import pytest
 import torch
 from torch import nn
 
-from lrpretrain.config import load_config
 from lrpretrain.errors import ConfigError
 from lrpretrain.methods import get_method
+from lrpretrain.methods.base import dense_state_dict
 from lrpretrain.methods.toolkit import (
     LoRALinear,
     LowRankLinear,
     check_rank,
-    dense_state_dict,
     parameter_counts,
     reparameterize,
     reset_optimizer_state,
 )
 from lrpretrain.model import build_model
 from lrpretrain.optim import AdamW
+from lrpretrain.train import load_config
 
 
 @pytest.fixture

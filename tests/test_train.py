@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lrpretrain.methods as methods
-from lrpretrain.config import load_config
+from lrpretrain.train import load_config
 
 import lrp_test_plugins  # noqa: F401  (registers test_recorder and test_fault)
 from conftest import TINY, losses, read_metrics

@@ -18,38 +18,32 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
+from lrpretrain import bench, estimate
+from lrpretrain.data_recipes import embedded
 from lrpretrain.errors import UserError
+from lrpretrain.generate import generate_from_run
+from lrpretrain.sweep import markdown_table, run_sweep, write_summary
+from lrpretrain.train import load_config, train
 
 USAGE = __doc__.split("\n\n")[1]
 
 
 def cmd_train(args: list[str]) -> int:
-    from lrpretrain.config import load_config
-
     if "-m" in args or "--multirun" in args:
-        from lrpretrain.sweep import run_sweep
-
         return run_sweep([a for a in args if a not in ("-m", "--multirun", "--dry-run")], "--dry-run" in args)
-    from lrpretrain.train import train
-
     cfg, resolved = load_config(args)
     result = train(cfg, resolved)
     return 0 if result.get("status") in ("complete", "preempted") else 1
 
 
 def cmd_generate(args: list[str]) -> int:
-    from lrpretrain.generate import generate_from_run
-
     print(generate_from_run(args))
     return 0
 
 
 def cmd_sweep_summary(args: list[str]) -> int:
-    from pathlib import Path
-
-    from lrpretrain.sweep import markdown_table, write_summary
-
     if len(args) != 1 or not Path(args[0]).is_dir():
         raise UserError(f"sweep-summary takes one existing sweep directory, got {args}")
     print(markdown_table(write_summary(Path(args[0]))))
@@ -57,8 +51,6 @@ def cmd_sweep_summary(args: list[str]) -> int:
 
 
 def cmd_prepare_data(args: list[str]) -> int:
-    from lrpretrain.data_recipes import embedded
-
     what = args[0] if args else "embedded"
     if what != "embedded":
         raise UserError(f"unknown dataset '{what}' for prepare-data; allowed: embedded")
@@ -67,15 +59,11 @@ def cmd_prepare_data(args: list[str]) -> int:
 
 
 def cmd_bench(args: list[str]) -> int:
-    from lrpretrain.bench import main as bench_main
-
-    return bench_main(args)
+    return bench.main(args)
 
 
 def cmd_estimate(args: list[str]) -> int:
-    from lrpretrain.estimate import main as estimate_main
-
-    return estimate_main(args)
+    return estimate.main(args)
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lrpretrain.config import DataConfig
+from lrpretrain.data_recipes import embedded
 from lrpretrain.errors import DataError
 
 _UTF8_CHECK_BYTES = 8 << 20  # decode this much of each local file up front; the rest is checked while reading
@@ -64,9 +65,7 @@ class DocumentSource:
             self._ds = self._load(lambda: _hf_load(cfg.hf_path, cfg.hf_name, split=hf_split, streaming=True))
         else:
             if cfg.source == "embedded":
-                from lrpretrain.data_recipes.embedded import prepare
-
-                root = prepare()
+                root = embedded.prepare()
                 files = sorted(str(p) for p in root.glob(f"{'train' if split == 'train' else 'validation'}-*.jsonl.gz"))
             else:
                 patterns = cfg.files if split == "train" else cfg.val_files

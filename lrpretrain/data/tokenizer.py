@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from lrpretrain.data_recipes import embedded
 from lrpretrain.errors import DataError
 
 
@@ -28,9 +29,7 @@ class TokenizerInfo:
 
 def _load(spec: str) -> tuple[Tokenizer, str]:
     if spec == "embedded":
-        from lrpretrain.data_recipes.embedded import prepare
-
-        path = prepare() / "tokenizer.json"
+        path = embedded.prepare() / "tokenizer.json"
         return Tokenizer.from_file(str(path)), str(path)
     p = Path(spec).expanduser()
     if p.exists() or spec.startswith(("/", ".", "~")) or spec.endswith(".json"):

@@ -55,9 +55,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from lrpretrain import distributed as D
+from lrpretrain import comm
+from lrpretrain.checkpoint import _unshared
 from lrpretrain.distributed.strategy import Resumed, StepOutcome, Strategy, register_strategy
 from lrpretrain.errors import CheckpointError, ConfigError
+from lrpretrain.methods import Method, get_method
 
 if TYPE_CHECKING:
     from lrpretrain.checkpoint import Checkpointer
@@ -77,8 +79,6 @@ def bf16(cfg: Config) -> bool:
 
 def refusal(cfg: Config) -> str | None:
     """Why this config cannot train correctly under DeepSpeed (one line), or None."""
-    from lrpretrain.methods import Method, get_method
-
     stage, name = cfg.distributed.zero_stage, cfg.method.name
     if stage == 0:
         return ("distributed.zero_stage=0 is plain data parallelism, which distributed=ddp runs natively (with every "
@@ -251,9 +251,7 @@ class DeepSpeedStrategy(Strategy):
                         state: dict[str, Any], rank_state: dict[str, Any], config_yaml: str) -> Path:
         from safetensors.torch import save_file
 
-        from lrpretrain.checkpoint import _unshared
-
-        tmp = Path(D.on_main(lambda: str(ckpt.begin(step))))
+        tmp = Path(comm.on_main(lambda: str(ckpt.begin(step))))
         # DeepSpeed's part: every rank writes its partitions (and barriers inside)
         self.engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, client_state={"step": step}, save_latest=False)
         full = self.model_state(model)
@@ -263,12 +261,12 @@ class DeepSpeedStrategy(Strategy):
             torch.save({**state, "world_size": self.world_size, "zero_stage": self.cfg.distributed.zero_stage},
                        tmp / "train_state.pt")
             (tmp / "config.yaml").write_text(config_yaml)
-        D.barrier()
+        comm.barrier()
         if os.environ.get("LRPRETRAIN_FAULT_KILL_IN_SAVE") == str(step):  # fault injection for the crash test:
             os.kill(os.getpid(), signal.SIGKILL)  # every rank dies with its files written, before the commit
         about = {"engine": "deepspeed", "world_size": self.world_size, "zero_stage": self.cfg.distributed.zero_stage}
-        path = D.on_main(lambda: str(ckpt.seal(step, tmp, about)))
-        D.barrier()
+        path = comm.on_main(lambda: str(ckpt.seal(step, tmp, about)))
+        comm.barrier()
         return Path(path)
 
     def load_checkpoint(self, ckpt: Checkpointer, how: str, model: nn.Module, optimizer: torch.optim.Optimizer,

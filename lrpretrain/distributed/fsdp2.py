@@ -52,15 +52,15 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from lrpretrain import distributed as D
-from lrpretrain.checkpoint import SHARDED
-from lrpretrain.distributed import local
+from lrpretrain import comm
+from lrpretrain.checkpoint import SHARDED, Checkpointer
+from lrpretrain.comm import local
 from lrpretrain.distributed.strategy import Resumed, Strategy, register_strategy
 from lrpretrain.errors import CheckpointError, ConfigError
 from lrpretrain.methods import get_method
+from lrpretrain.optim.clip import clip_coefficient, total_norm
 
 if TYPE_CHECKING:
-    from lrpretrain.checkpoint import Checkpointer
     from lrpretrain.config import Config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -126,7 +126,7 @@ class FSDP2(Strategy):
                     buf.copy_(ref_buffers[name])
                 dist.broadcast(buf, src=0)
         del reference, full
-        torch.set_rng_state(D.broadcast_object(rng))
+        torch.set_rng_state(comm.broadcast_object(rng))
         return model
 
     @staticmethod
@@ -153,8 +153,6 @@ class FSDP2(Strategy):
         return sq.sqrt()
 
     def grad_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        from lrpretrain.train.per_layer import total_norm
-
         if not grads:
             return torch.zeros(())
         sq = torch.stack([torch.linalg.vector_norm(local(g)).square() for g in grads])
@@ -163,8 +161,6 @@ class FSDP2(Strategy):
 
     @torch.no_grad()
     def clip_(self, params: list[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:
-        from lrpretrain.train.per_layer import clip_coefficient
-
         coef = clip_coefficient(max_norm, norm)
         for p in params:
             local(p.grad).mul_(coef)
@@ -175,20 +171,18 @@ class FSDP2(Strategy):
 
     def save_checkpoint(self, ckpt: Checkpointer, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                         state: dict[str, Any], rank_state: dict[str, Any], config_yaml: str) -> Path:
-        ranks = D.all_gather_object(rank_state)
-        tmp = Path(D.on_main(lambda: str(ckpt.begin(step))))
+        ranks = comm.all_gather_object(rank_state)
+        tmp = Path(comm.on_main(lambda: str(ckpt.begin(step))))
         dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
                  checkpoint_id=str(tmp / SHARDED))
         dist.barrier()  # every shard is written before rank 0 seals the directory
         full = {**state, **ranks[0], "ranks": ranks, "world_size": len(ranks)}
-        path = D.on_main(lambda: ckpt.commit(step, tmp, full, config_yaml))
+        path = comm.on_main(lambda: ckpt.commit(step, tmp, full, config_yaml))
         dist.barrier()
         return path
 
     def load_checkpoint(self, ckpt: Checkpointer, how: str, model: nn.Module, optimizer: torch.optim.Optimizer,
                         warn: Callable[[str], None]) -> Resumed | None:
-        from lrpretrain.checkpoint import Checkpointer
-
         path = self.find_checkpoint(ckpt, how, warn)
         if path is None:
             return None

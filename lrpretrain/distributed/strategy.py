@@ -63,11 +63,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lrpretrain import distributed as D
+from lrpretrain import comm
+from lrpretrain.checkpoint import Checkpointer
+from lrpretrain.distributed.data import stream_for
 from lrpretrain.errors import CheckpointError, ConfigError
+from lrpretrain.optim.clip import total_norm
 
 if TYPE_CHECKING:
-    from lrpretrain.checkpoint import Checkpointer
     from lrpretrain.config import Config
 
 
@@ -147,16 +149,16 @@ class Strategy:
     # -- process group -------------------------------------------------------------------------
     @property
     def rank(self) -> int:
-        return D.rank()
+        return comm.rank()
 
     @property
     def world_size(self) -> int:
-        return D.world_size()
+        return comm.world_size()
 
     def setup(self, device: torch.device) -> torch.device:
         """Start the process group (multi-process strategies) and return the device to train on."""
         self.device = device
-        if self.multi_process and not D.is_distributed():
+        if self.multi_process and not comm.is_distributed():
             if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
                 raise ConfigError(f"distributed.strategy={self.name} needs a process group: launch with torchrun "
                                   f"(torchrun --nproc_per_node=N -m lrpretrain.cli.main train ...)")
@@ -171,7 +173,7 @@ class Strategy:
 
     def cleanup(self) -> None:
         """Barrier, then destroy the group: a rank that exits early makes torchrun report a failure."""
-        if self._owns_group and D.is_distributed():
+        if self._owns_group and comm.is_distributed():
             try:
                 dist.barrier()
             finally:
@@ -180,7 +182,7 @@ class Strategy:
 
     def abort(self) -> None:
         """After an error: destroy the group without a barrier (other ranks may never reach one)."""
-        if self._owns_group and D.is_distributed():
+        if self._owns_group and comm.is_distributed():
             dist.destroy_process_group()
             self._owns_group = False
 
@@ -217,8 +219,6 @@ class Strategy:
         return torch.linalg.vector_norm(g)
 
     def grad_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        from lrpretrain.train.per_layer import total_norm
-
         return total_norm([self.tensor_norm(g) for g in grads])
 
     def per_layer_grad(self, p: torch.Tensor) -> None:
@@ -246,8 +246,6 @@ class Strategy:
     def data_stream(self, make: Callable[[int, int, int], Any], micro_batch_size: int) -> Any:
         """The training stream of this rank. ``make(micro_batch_size, rank, world_size)`` builds a
         :class:`~lrpretrain.data.TokenStream`; see :mod:`lrpretrain.distributed.data`."""
-        from lrpretrain.distributed.data import stream_for
-
         return stream_for(self.dcfg.data, make, micro_batch_size, self.rank, self.world_size)
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -261,18 +259,16 @@ class Strategy:
 
         Here: rank 0 writes the full model (safetensors) and one train_state.pt holding the optimizer,
         ``state`` and every rank's ``rank_state`` (gathered)."""
-        ranks = D.all_gather_object(rank_state)
+        ranks = comm.all_gather_object(rank_state)
         full = {**state, "optimizer": optimizer.state_dict(), **ranks[0], "ranks": ranks, "world_size": len(ranks)}
-        path = D.on_main(lambda: ckpt.save(step, self.model_state(model), full, config_yaml))
-        D.barrier()
+        path = comm.on_main(lambda: ckpt.save(step, self.model_state(model), full, config_yaml))
+        comm.barrier()
         return path
 
     def load_checkpoint(self, ckpt: Checkpointer, how: str, model: nn.Module, optimizer: torch.optim.Optimizer,
                         warn: Callable[[str], None]) -> Resumed | None:
         """Load ``trainer.resume`` (auto: the newest complete checkpoint) into model and optimizer;
         None when there is nothing to resume."""
-        from lrpretrain.checkpoint import Checkpointer
-
         path = self.find_checkpoint(ckpt, how, warn)
         if path is None:
             return None
@@ -289,10 +285,10 @@ class Strategy:
     def find_checkpoint(self, ckpt: Checkpointer, how: str, warn: Callable[[str], None]) -> Path | None:
         """The checkpoint ``trainer.resume`` names, verified (auto: the newest that verifies), or None.
         Every rank reads the files (one shared file system); rank 0 picks which, the others follow."""
-        D.on_main(lambda: ckpt.remove_stale(warn))
+        comm.on_main(lambda: ckpt.remove_stale(warn))
         if how == "never":
             return None
-        path = D.on_main(lambda: _latest_verified(ckpt, warn) if how == "auto" else _verified(how))
+        path = comm.on_main(lambda: _latest_verified(ckpt, warn) if how == "auto" else _verified(how))
         return None if path is None else Path(path)
 
     def rank_state_of(self, s: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -310,8 +306,6 @@ class Strategy:
 
 
 def _latest_verified(ckpt: Checkpointer, warn: Callable[[str], None]) -> str | None:
-    from lrpretrain.checkpoint import Checkpointer
-
     for path in ckpt.complete_steps():
         try:
             Checkpointer.verify(path)
@@ -322,8 +316,6 @@ def _latest_verified(ckpt: Checkpointer, warn: Callable[[str], None]) -> str | N
 
 
 def _verified(path: str) -> str:
-    from lrpretrain.checkpoint import Checkpointer
-
     Checkpointer.verify(Path(path))
     return path
 

@@ -4,6 +4,9 @@ A method decides how target weights are parameterized and/or how their gradients
 updates, and what happens every N steps. The trainer only calls these hooks; it never asks which
 method is running. Every hook has a default that means "plain full-rank training", so a plugin
 overrides only what it changes. See DESIGN.md ("Method plugin contract").
+
+A module that replaces a target ``nn.Linear`` subclasses :class:`Reparameterized` and states its
+function as one dense weight: the default export (:meth:`Method.dense_weights`) and merging rely on it.
 """
 
 from __future__ import annotations
@@ -16,9 +19,14 @@ import torch
 from omegaconf import MISSING
 from torch import nn
 
+from lrpretrain.errors import UserError
+from lrpretrain.model.llama import flops_per_token, param_count
+from lrpretrain.model.memory import llama_layer_bytes
+from lrpretrain.optim import AdamW, ParamwiseOptimizer
+from lrpretrain.optim.memory import adamw_state_bytes
+
 if TYPE_CHECKING:
     from lrpretrain.config import ModelConfig, OptimConfig
-    from lrpretrain.optim import ParamwiseOptimizer
 
 
 @dataclass
@@ -44,6 +52,40 @@ class StepContext:
     lr: float
     loss: float
     log: Callable[[dict[str, Any]], None] = field(default=lambda _m: None)  # add metrics for this step
+
+
+# -- modules that replace a target Linear (what export and merging rely on) ----------------------------
+
+
+class Reparameterized(nn.Module):
+    """Base of a module that replaces a target ``nn.Linear(in_features, out_features, bias=False)``."""
+
+    in_features: int
+    out_features: int
+
+    def dense_weight(self) -> torch.Tensor:
+        """The module's function as one (out_features, in_features) matrix, in fp32."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be written as a dense weight")
+
+
+def reparameterized_modules(model: nn.Module) -> list[tuple[str, Reparameterized]]:
+    return [(q, m) for q, m in model.named_modules() if isinstance(m, Reparameterized)]
+
+
+@torch.no_grad()
+def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state as a plain LLaMA's: every reparameterized module becomes ``<name>.weight``.
+
+    Raises NotImplementedError (with the module's name) where a module has no dense form (CoLA).
+    """
+    modules = reparameterized_modules(model)
+    out = {}
+    for key, value in model.state_dict().items():
+        if not any(key.startswith(q + ".") for q, _ in modules):
+            out[key] = value.detach()
+    for q, m in modules:
+        out[f"{q}.weight"] = m.dense_weight().detach()
+    return out
 
 
 class Method:
@@ -83,8 +125,6 @@ class Method:
 
     def build_optimizer(self, groups: list[dict[str, Any]], optim_cfg: OptimConfig) -> ParamwiseOptimizer:
         """A :class:`~lrpretrain.optim.ParamwiseOptimizer` (so per-layer updates can step it)."""
-        from lrpretrain.optim import AdamW
-
         return AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
                      weight_decay=optim_cfg.weight_decay, state_bits=optim_cfg.state_bits)
 
@@ -117,13 +157,10 @@ class Method:
     def dense_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The function as dense LLaMA weights (names of the unmodified model), for export.
 
-        Every :class:`~lrpretrain.methods.toolkit.Reparameterized` module becomes ``<name>.weight``
+        Every :class:`Reparameterized` module becomes ``<name>.weight``
         through its ``dense_weight()``; a module without a dense form (CoLA's non-linear bottleneck,
         CR-Net's cross-layer term) makes this one clear error.
         """
-        from lrpretrain.errors import UserError
-        from lrpretrain.methods.toolkit import dense_state_dict
-
         try:
             return dense_state_dict(model)
         except NotImplementedError as e:
@@ -143,8 +180,6 @@ class Method:
         optimizer), ``largest_trainable`` (entries of the largest trainable tensor; default: the
         embedding's).
         """
-        from lrpretrain.model.llama import flops_per_token, param_count
-
         n = param_count(model_cfg)
         return {"params": float(n), "trainable_params": float(n), "flops_per_token": flops_per_token(model_cfg, seq_len)}
 
@@ -154,8 +189,6 @@ class Method:
         Default: AdamW (fp32 or ``optim.state_bits=8`` moments) on ``cost()``'s trainable parameters;
         a method whose optimizer keeps other state overrides it (the GaLore family's projected moments).
         """
-        from lrpretrain.estimate import adamw_state_bytes
-
         trainable = self.cost(model_cfg, 1)["trainable_params"]
         return adamw_state_bytes(model_cfg, trainable, optim_cfg.state_bits)
 
@@ -163,12 +196,10 @@ class Method:
         """Bytes per token that the decoder layers keep for the backward after a forward (all layers;
         the embedding, final norm, LM head and loss are counted by the estimator).
 
-        Default: the plain LLaMA block's (:func:`lrpretrain.estimate.llama_layer_bytes`), blocks 0, k,
+        Default: the plain LLaMA block's (:func:`lrpretrain.model.memory.llama_layer_bytes`), blocks 0, k,
         2k, ... checkpointed under ``full|selective``. A method that changes what a block saves
         overrides it; ``recompute="method"`` is its own policy's figure.
         """
-        from lrpretrain.estimate import llama_layer_bytes
-
         if recompute == "method":
             raise NotImplementedError(f"method '{self.name}' has no activation model for its recompute policy")
         extra = (2.0 if bf16 else 4.0) * self.layer_extra_values(model_cfg)  # bf16: an approximation

@@ -36,10 +36,10 @@ from torch.utils.checkpoint import checkpoint
 from lrpretrain.config import ModelConfig
 from lrpretrain.errors import UserError, check
 from lrpretrain.methods import register_method
-from lrpretrain.methods.base import Method
+from lrpretrain.methods.base import Method, Reparameterized
 from lrpretrain.methods.subspace import target_shapes
 from lrpretrain.methods.targets import TargetsConfig, expand_targets
-from lrpretrain.methods.toolkit import Reparameterized, check_rank, decoder_cost, reparameterize
+from lrpretrain.methods.toolkit import check_rank, decoder_cost, reparameterize
 from lrpretrain.model.llama import Block
 
 

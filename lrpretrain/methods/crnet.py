@@ -61,11 +61,12 @@ from torch import nn
 from lrpretrain.config import ModelConfig
 from lrpretrain.errors import ConfigError, UserError, check
 from lrpretrain.methods import register_method
-from lrpretrain.methods.base import Method
+from lrpretrain.methods.base import Method, Reparameterized
 from lrpretrain.methods.subspace import target_shapes
 from lrpretrain.methods.targets import ATTN, TargetsConfig, expand_targets, select_targets, set_module
-from lrpretrain.methods.toolkit import Reparameterized, check_rank, decoder_cost
+from lrpretrain.methods.toolkit import check_rank, decoder_cost
 from lrpretrain.model.llama import LLaMA
+from lrpretrain.model.memory import llama_layer_bytes
 
 
 @dataclass
@@ -345,8 +346,6 @@ class CRNet(Method):
         """Layer 1 is a plain block; each later block saves, beyond a plain one, 7r values of X·A and
         4d of the carried outputs that s(β)·Y_{l-1} keeps (every target; pro rata for fewer). With
         its recomputation: :func:`crnet_saved_bytes`."""
-        from lrpretrain.estimate import llama_layer_bytes
-
         if recompute in ("full", "selective"):
             raise ConfigError(f"trainer.recompute={recompute} is invalid for method=crnet (its blocks carry the "
                               "previous block's outputs); allowed: none, method")

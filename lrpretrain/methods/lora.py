@@ -22,7 +22,7 @@ from torch import nn
 from lrpretrain.errors import check
 from lrpretrain.methods import register_method
 from lrpretrain.methods.base import Method, StepContext
-from lrpretrain.methods.targets import TargetsConfig
+from lrpretrain.methods.targets import TargetsConfig, expand_targets
 from lrpretrain.methods.toolkit import (
     LoRALinear,
     check_rank_for_model,
@@ -68,8 +68,6 @@ def lora_target_cost(rank: int):
 
 def lora_activation_values(model_cfg: ModelConfig, rank: int, targets: list[str], dropout: float) -> float:
     """Values per token and block that adapters on ``targets`` save beyond a plain block's."""
-    from lrpretrain.methods.targets import expand_targets
-
     n = len(expand_targets(targets))
     extra = n * rank
     if dropout > 0:

@@ -19,6 +19,7 @@ from torch import nn
 from lrpretrain.errors import allowed, check
 from lrpretrain.methods import register_method
 from lrpretrain.methods.base import Method
+from lrpretrain.methods.lora import lora_activation_values
 from lrpretrain.methods.targets import TargetsConfig
 from lrpretrain.methods.toolkit import (
     LowRankLinear,
@@ -88,8 +89,6 @@ class LowRank(Method):
 
     def layer_extra_values(self, model_cfg: ModelConfig) -> float:
         """As LoRA's adapters: x·Aᵀ per target, plus the dropout's copies (lora.lora_activation_values)."""
-        from lrpretrain.methods.lora import lora_activation_values
-
         return lora_activation_values(model_cfg, self.cfg.rank, list(self.cfg.targets), self.cfg.lora_dropout)
 
     def cost(self, model_cfg: ModelConfig, seq_len: int) -> dict[str, float]:

@@ -41,6 +41,7 @@ from lrpretrain.errors import ConfigError, allowed, check
 from lrpretrain.methods import register_method
 from lrpretrain.methods.lora import LoRAConfig, LoRAWithRestarts, adapter_parameters, lora_modules
 from lrpretrain.methods.toolkit import reset_optimizer_state
+from lrpretrain.model import build_model
 
 if TYPE_CHECKING:
     from lrpretrain.config import ModelConfig
@@ -88,8 +89,6 @@ def warm_start_file(path: str) -> Path:
 def check_warm_start_fits(path: str, model_cfg: ModelConfig) -> None:
     """The checkpoint must hold exactly the dense model's tensors, with their shapes (headers only)."""
     from safetensors import safe_open
-
-    from lrpretrain.model import build_model
 
     expected = {k: tuple(v.shape) for k, v in build_model(model_cfg, materialize=False).state_dict().items()}
     file = warm_start_file(path)

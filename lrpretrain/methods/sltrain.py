@@ -37,16 +37,17 @@ from torch import nn
 
 from lrpretrain.errors import check
 from lrpretrain.methods import register_method
-from lrpretrain.methods.base import Method
+from lrpretrain.methods.base import Method, Reparameterized
 from lrpretrain.methods.targets import TargetsConfig
 from lrpretrain.methods.toolkit import (
-    Reparameterized,
     check_rank_for_model,
     kaiming_uniform_,
     reparameterize,
     reparameterized_cost,
     seeded_generator,
+    target_shapes,
 )
+from lrpretrain.model.memory import rope_bytes
 
 if TYPE_CHECKING:
     from lrpretrain.config import ModelConfig
@@ -204,9 +205,6 @@ class SLTrain(Method):
 
         out = reparameterized_cost(model_cfg, seq_len, list(self.cfg.targets), per_target)
         # S's support: one int64 index per value, a buffer (+ the RoPE tables)
-        from lrpretrain.estimate import rope_bytes
-        from lrpretrain.methods.toolkit import target_shapes
-
         nnz = sum(int(delta * m * n) for m, n in target_shapes(model_cfg, list(self.cfg.targets)).values())
         out["buffer_bytes"] = 8.0 * nnz * model_cfg.n_layers + rope_bytes(model_cfg)
         return out

@@ -44,11 +44,10 @@ from torch import nn
 
 from lrpretrain.errors import check
 from lrpretrain.methods import register_method
-from lrpretrain.methods.base import Method, StepContext
+from lrpretrain.methods.base import Method, Reparameterized, StepContext
 from lrpretrain.methods.subspace import target_shapes
 from lrpretrain.methods.targets import TargetsConfig
 from lrpretrain.methods.toolkit import (
-    Reparameterized,
     check_rank,
     reparameterize,
     restart_optimizer_state,

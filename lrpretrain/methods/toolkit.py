@@ -1,8 +1,9 @@
 """The low-rank toolkit that every reparameterization method reuses.
 
-- :class:`Reparameterized`: the base of every module that replaces a target ``nn.Linear``. It states
-  its function as one dense weight (:meth:`~Reparameterized.dense_weight`), which is all that
-  merging, export (:func:`dense_state_dict`) and function-preservation tests need.
+- :class:`~lrpretrain.methods.base.Reparameterized` (part of the plugin contract, in ``base``): the base
+  of every module that replaces a target ``nn.Linear``. It states its function as one dense weight
+  (``dense_weight()``), which is all that merging, export (``base.dense_state_dict``) and
+  function-preservation tests need.
 - :func:`reparameterize`: replace the selected target projections (``method.targets``, see
   :mod:`lrpretrain.methods.targets`) with modules built from the original Linear.
 - Factor initialisations (:func:`kaiming_uniform_`, the ``nn.Linear`` default that LoRA uses for A).
@@ -35,9 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from lrpretrain.distributed import shard_rows
+from lrpretrain.comm import shard_rows
 from lrpretrain.errors import ConfigError
+from lrpretrain.methods.base import Reparameterized
 from lrpretrain.methods.targets import expand_targets, select_targets, set_module
+from lrpretrain.model.llama import flops_per_token, param_count
 
 if TYPE_CHECKING:
     from lrpretrain.config import ModelConfig
@@ -100,17 +103,6 @@ def seeded_generator(salt: int) -> torch.Generator:
 
 
 # -- modules ------------------------------------------------------------------------------------------
-
-
-class Reparameterized(nn.Module):
-    """Base of a module that replaces a target ``nn.Linear(in_features, out_features, bias=False)``."""
-
-    in_features: int
-    out_features: int
-
-    def dense_weight(self) -> torch.Tensor:
-        """The module's function as one (out_features, in_features) matrix, in fp32."""
-        raise NotImplementedError(f"{type(self).__name__} cannot be written as a dense weight")
 
 
 class LowRankLinear(Reparameterized):
@@ -206,26 +198,6 @@ def reparameterize(model: nn.Module, targets: list[str],
     return replaced
 
 
-def reparameterized_modules(model: nn.Module) -> list[tuple[str, Reparameterized]]:
-    return [(q, m) for q, m in model.named_modules() if isinstance(m, Reparameterized)]
-
-
-@torch.no_grad()
-def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state as a plain LLaMA's: every reparameterized module becomes ``<name>.weight``.
-
-    Raises NotImplementedError (with the module's name) where a module has no dense form (CoLA).
-    """
-    modules = reparameterized_modules(model)
-    out = {}
-    for key, value in model.state_dict().items():
-        if not any(key.startswith(q + ".") for q, _ in modules):
-            out[key] = value.detach()
-    for q, m in modules:
-        out[f"{q}.weight"] = m.dense_weight().detach()
-    return out
-
-
 # -- accounting -------------------------------------------------------------------------------------------
 
 
@@ -256,8 +228,6 @@ def reparameterized_cost(model_cfg: ModelConfig, seq_len: int, targets: list[str
                          per_target: TargetCost) -> dict[str, float]:
     """``cost()`` of a model whose selected targets are replaced: the full-rank analytic cost with
     every target's dense share swapped for ``per_target(m, n)`` (embeddings, head, norms unchanged)."""
-    from lrpretrain.model.llama import flops_per_token, param_count
-
     params = trainable = float(param_count(model_cfg))
     flops = flops_per_token(model_cfg, seq_len)
     for m, n in target_shapes(model_cfg, targets).values():

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
-from lrpretrain.distributed import shard_rows
+from lrpretrain.comm import shard_rows
 from lrpretrain.optim import moments
 from lrpretrain.optim.base import ParamwiseOptimizer
 from lrpretrain.optim.projector import PROJ_TYPES, Basis, next_seed, project, projected_shape, projection_side

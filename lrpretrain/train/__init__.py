@@ -1,4 +1,5 @@
-"""Build every part of a run from its config and hand them to the Trainer."""
+"""Load a run's config (:mod:`lrpretrain.train.assemble`), build every part of the run from it and hand
+them to the Trainer."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lrpretrain import distributed as D
+from lrpretrain import comm
 from lrpretrain.config import Config
 from lrpretrain.data import TokenStream, ValidationSet, load_tokenizer
 from lrpretrain.distributed.strategy import Strategy, build_strategy
@@ -18,6 +19,7 @@ from lrpretrain.errors import ConfigError
 from lrpretrain.methods import Method, get_method
 from lrpretrain.metrics import MetricsLogger
 from lrpretrain.model import build_model
+from lrpretrain.train.assemble import from_yaml, load_config
 from lrpretrain.train.lock import RunLock
 from lrpretrain.train.per_layer import PerLayerUpdate
 from lrpretrain.train.recompute import apply_recompute, graph_is_reusable
@@ -25,7 +27,7 @@ from lrpretrain.train.rng import seed_everything
 from lrpretrain.train.rundir import prepare_run_dir
 from lrpretrain.train.trainer import Trainer, TrainingStopped
 
-__all__ = ["Trainer", "TrainingStopped", "build_trainer", "train", "resolve_device"]
+__all__ = ["Trainer", "TrainingStopped", "build_trainer", "train", "resolve_device", "load_config", "from_yaml"]
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -63,7 +65,7 @@ def _start(cfg: Config, resolved: DictConfig, strategy: Strategy) -> torch.devic
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     device = strategy.setup(resolve_device(cfg))
-    cfg.run.dir = D.broadcast_object(cfg.run.dir)
+    cfg.run.dir = comm.broadcast_object(cfg.run.dir)
     resolved.run.dir = cfg.run.dir
     return device
 
@@ -95,7 +97,7 @@ def _build(cfg: Config, resolved: DictConfig, strategy: Strategy, device: torch.
     n_params, n_train = sum(p.numel() for p in model.parameters()), plugin.trainable_parameters(model)
     forward = strategy.wrap(model, optimizer, per_layer is not None and per_layer.in_backward)
 
-    logs: list[str] = D.on_main(lambda: _prepare_run_dir(run_dir, resolved, cfg))
+    logs: list[str] = comm.on_main(lambda: _prepare_run_dir(run_dir, resolved, cfg))
     logger = MetricsLogger(cfg, run_dir, OmegaConf.to_container(resolved), cfg.trainer.max_steps, r)  # type: ignore[arg-type]
     for m in [*notes, *logs]:
         logger.info(f"warning: {m}")
@@ -148,7 +150,7 @@ def train(cfg: Config, resolved: DictConfig) -> dict[str, Any]:
     try:
         device = _start(cfg, resolved, strategy)
         lock = RunLock(cfg.run.dir, cfg.run.break_lock, notes.append)
-        D.on_main(lock.hold)
+        comm.on_main(lock.hold)
         trainer = _build(cfg, resolved, strategy, device, notes)
         try:
             trainer.resume()

@@ -24,9 +24,9 @@ from contextlib import AbstractContextManager
 
 import torch
 
+from lrpretrain.comm import all_reduce_sum
 from lrpretrain.config import EvalConfig
 from lrpretrain.data import ValidationSet
-from lrpretrain.distributed import all_reduce_sum
 from lrpretrain.model import lm_loss
 
 

@@ -66,27 +66,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrpretrain.distributed import local
+from lrpretrain.comm import local
 from lrpretrain.errors import ConfigError
 from lrpretrain.optim import ParamwiseOptimizer
-
-CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_: coefficient c / (norm + eps)
-
-
-def total_norm(norms: list[torch.Tensor]) -> torch.Tensor:
-    """The global L2 norm from per-tensor norms (the global step and the per-layer update share it)."""
-    if not norms:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(norms))
-
-
-def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The global L2 norm of a list of gradients."""
-    return total_norm([torch.linalg.vector_norm(g) for g in grads])
-
-
-def clip_coefficient(max_norm: float, norm: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(max_norm / (norm + CLIP_EPS), max=1.0)
+from lrpretrain.optim.clip import clip_coefficient, total_norm
 
 
 @dataclass

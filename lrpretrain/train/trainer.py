@@ -22,9 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lrpretrain.checkpoint import Checkpointer, tensor_bytes
+from lrpretrain.comm import all_reduce_sum, world_size
 from lrpretrain.config import Config
 from lrpretrain.data import TokenStream, ValidationSet
-from lrpretrain.distributed import all_reduce_sum, world_size
 from lrpretrain.distributed.strategy import Strategy
 from lrpretrain.errors import UserError
 from lrpretrain.methods import Method, StepContext

@@ -1,4 +1,6 @@
-"""``--options`` of the subcommands that also take Hydra overrides (bench, estimate)."""
+"""``--options`` of the subcommands that also take Hydra overrides (bench, estimate).
+
+Below the tools that use it (it imports only :mod:`lrpretrain.errors`), not in the CLI above them."""
 
 from __future__ import annotations
 

@@ -1,0 +1,70 @@
+"""Bytes of a LLaMA per token and per buffer, from its config alone (``lrpretrain estimate`` and the
+method plugins' memory hooks both use them).
+
+Activation formulas count what autograd saves for the backward as torch 2.13 saves it (each storage
+once, parameters and buffers excluded): see tests/test_estimate.py, which measures them with
+saved_tensors_hooks. d = model.dim, f = model.ffn_dim, H = model.n_heads.
+"""
+
+from __future__ import annotations
+
+from lrpretrain.config import ModelConfig
+
+
+def llama_layer_bytes(model_cfg: ModelConfig, recompute: str, bf16: bool) -> float:
+    """Bytes per token that one plain LLaMA decoder block keeps for the backward.
+
+    ``none``, fp32: 10d + 4f + H + 2 values: the two RMSNorms' inputs, normalised values and outputs
+    and 1/rms (3d + 1 each), q and k before RoPE and their rotated halves (4d), the RoPE'd q, k and v
+    (3d), the attention output and its head-merged copy (2d) and log-sum-exp (H), SwiGLU's gate, up,
+    SiLU(gate) and product (4f). Under bf16 autocast the matmul inputs are bf16 copies (one per
+    projection that reads them) and the residual stream stays fp32: 34d + 8f + 4H + 8 bytes.
+    ``full``: the block's input (the fp32 residual stream), 4d bytes.
+    ``selective``: its input plus the kept matmul and attention outputs (q, k, v, o, down: 5d;
+    gate, up: 2f; attention output d, log-sum-exp H), in the matmuls' dtype.
+    """
+    d, f, H = model_cfg.dim, model_cfg.ffn_dim, model_cfg.n_heads
+    if recompute == "full":
+        return 4.0 * d
+    if recompute == "selective":
+        return 4.0 * d + (2.0 if bf16 else 4.0) * (6 * d + 2 * f) + 4.0 * H
+    if bf16:
+        return 34.0 * d + 8.0 * f + 4.0 * H + 8.0
+    return 4.0 * (10 * d + 4 * f + H + 2)
+
+
+def outside_layers_bytes(model_cfg: ModelConfig, seq_len: int, bf16: bool) -> float:
+    """Bytes per token saved outside the decoder blocks: token ids (int64), the final RMSNorm
+    (3d + 1 fp32; under bf16 the LM head's bf16 input instead of the fp32 one) and the loss: the fp32
+    log-softmax of the shifted logits and the int64 targets (T - 1 positions per row)."""
+    d, V = model_cfg.dim, model_cfg.vocab_size
+    norm = (10.0 * d + 4.0) if bf16 else 4.0 * (3 * d + 1)
+    return 8.0 + norm + (4.0 * V + 8.0) * (seq_len - 1) / seq_len
+
+
+def loss_transient_bytes(model_cfg: ModelConfig, seq_len: int, bf16: bool) -> tuple[float, float]:
+    """Bytes per token alive beside the saved activations (end of forward, start of backward).
+
+    End of forward, inside the loss: the logits and the contiguous copy of the shifted logits (and,
+    under bf16, its fp32 copy) beside the log-softmax. Start of backward: one logits-sized fp32
+    gradient (the log-softmax's saved output is released as the next gradient is made).
+    """
+    V = model_cfg.vocab_size
+    logit = 2.0 if bf16 else 4.0
+    return V * (logit + logit + (4.0 if bf16 else 0.0)), 4.0 * V
+
+
+def autocast_weight_bytes(matmul_params: float) -> float:
+    """bf16 autocast caches a bf16 copy of every weight it casts until the forward's autocast region
+    ends (and the matmuls save them for the backward): 2 bytes per matmul weight entry."""
+    return 2.0 * matmul_params
+
+
+def rope_bytes(model_cfg: ModelConfig) -> float:
+    """The RoPE cos and sin tables (fp32, max_seq_len x head_dim each)."""
+    return 2.0 * 4 * model_cfg.max_seq_len * (model_cfg.dim // model_cfg.n_heads)
+
+
+def largest_trainable(model_cfg: ModelConfig) -> int:
+    """Entries of the largest trainable tensor of a LLaMA: the embedding (or a dense MLP matrix)."""
+    return max(model_cfg.vocab_size * model_cfg.dim, model_cfg.ffn_dim * model_cfg.dim)
