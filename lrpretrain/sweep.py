@@ -34,10 +34,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lrpretrain.checkpoint import atomic_write_text
 from lrpretrain.comm import rank
 from lrpretrain.config import conf_dir, job_slug, register_resolver, to_dictconfig, world_size_from_env
 from lrpretrain.errors import ConfigError, UserError
+from lrpretrain.storage import atomic_write_text
 from lrpretrain.train import train
 from lrpretrain.train.assemble import compose, register_configs, to_typed, validate_config
 from lrpretrain.train.lock import RunLock

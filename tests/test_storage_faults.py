@@ -24,8 +24,8 @@ import pytest
 import torch
 from test_errors import one_line
 
-import lrpretrain.checkpoint as ckpt_mod
-import lrpretrain.metrics as metrics_mod
+import lrpretrain.checkpoint.checkpointer as ckpt_mod
+import lrpretrain.metrics.logger as metrics_mod
 from lrpretrain.checkpoint import Checkpointer
 from lrpretrain.errors import RunDirInUse
 from lrpretrain.storage import errno_of, storage_error

@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from lrpretrain import comm
-from lrpretrain.checkpoint import _unshared
+from lrpretrain.checkpoint import unshared
 from lrpretrain.distributed.strategy import Resumed, StepOutcome, Strategy, register_strategy
 from lrpretrain.errors import CheckpointError, ConfigError
 from lrpretrain.methods import Method, get_method
@@ -257,7 +257,7 @@ class DeepSpeedStrategy(Strategy):
         full = self.model_state(model)
         torch.save(rank_state, tmp / f"rank_{self.rank}.pt")
         if self.rank == 0:
-            save_file(_unshared(full), str(tmp / "model.safetensors"), metadata={"step": str(step)})
+            save_file(unshared(full), str(tmp / "model.safetensors"), metadata={"step": str(step)})
             torch.save({**state, "world_size": self.world_size, "zero_stage": self.cfg.distributed.zero_stage},
                        tmp / "train_state.pt")
             (tmp / "config.yaml").write_text(config_yaml)

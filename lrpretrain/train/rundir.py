@@ -16,8 +16,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lrpretrain.checkpoint import atomic_write_text
 from lrpretrain.errors import ConfigError
+from lrpretrain.storage import atomic_write_text
 
 # Keys that do not change what is trained (or, for max_steps, only extend it): they may differ when
 # a run is resumed.
