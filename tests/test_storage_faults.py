@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -164,15 +165,23 @@ def test_failed_write_stops_with_one_line_and_resume_is_exact(cli, tmp_path, mon
     assert losses(run) == reference  # the identical run, bit for bit
 
 
+@contextmanager
+def tmpfs(where: Path, options: str):
+    """A tmpfs mounted at ``where`` for the block; the test is skipped where this process may not mount."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root: the injected faults cover every write site")
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True).returncode:
+        pytest.skip("mount -t tmpfs is not permitted here: the injected faults cover every write site")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
 def test_a_real_full_filesystem(cli, tmp_path, reference):
     """A 72 MB tmpfs holds two checkpoints of this run (29 MB each) but not a third beside them."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root: the injected faults above cover every write site")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=72m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("mount -t tmpfs is not permitted here: the injected faults above cover every write site")
-    try:
+    with tmpfs(tmp_path / "small", "size=72m") as mnt:
         run = mnt / "run"
         r = cli("train", *ARGS, f"run.dir={run}")
         one_line(r, "no space left on device (ENOSPC): the write needed ")
@@ -184,8 +193,6 @@ def test_a_real_full_filesystem(cli, tmp_path, reference):
         r = cli("train", *ARGS, f"run.dir={run}")
         assert r.code == 0, r.err
         assert losses(run) == reference
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_library_errors_are_read_for_their_errno(tmp_path):
@@ -323,16 +330,8 @@ def test_bad_run_dirs_are_one_line_before_anything_is_built(cli, tmp_path, make,
 
 
 def test_a_read_only_run_dir(cli, tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("a read-only tmpfs needs root to mount")
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("mount -t tmpfs is not permitted here")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as mnt:
         r = cli("train", *TINY, "trainer.max_steps=1", f"run.dir={mnt}")
         one_line(r, f"run.dir={mnt} is not writable: cannot write {mnt / LOCK_NAME}: read-only file system (EROFS)")
         r = cli("train", *TINY, "trainer.max_steps=1", f"run.dir={mnt}/sub")
         one_line(r, f"run.dir={mnt}/sub cannot be created: read-only file system (EROFS)")
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
