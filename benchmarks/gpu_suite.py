@@ -104,10 +104,10 @@ def build_rows(cpu: bool, methods_size: str = "350m", memory_size: str = "1b") -
 
         full_mb = {s: [8, 4] for s in SIZES}
         fixed_methods, fixed_memory, t = 4, 4, dict(warmup=1, steps=2)
-        cost = dict(device=8, full=12, method=12, refresh=10, data=10, memory=12, compile=60)
+        cost = dict(device=8, full=12, method=8, refresh=8, data=8, memory=8, compile=45)  # measured, 2 cores
     else:
         def spec(method: str, size: str) -> list[str]:
-            return [*preset(method, size), "trainer.precision=bf16", "trainer.device=cuda"]
+            return [*preset(method, size), "trainer.precision=bf16"]  # device auto: CUDA (checked by the device row)
 
         full_mb = {"60m": [512, 256, 128], "130m": [512, 256, 128], "350m": [256, 128, 64], "1b": [128, 64, 32, 16]}
         fixed_methods, fixed_memory, t = {"60m": 128, "130m": 128, "350m": 64, "1b": 32}[methods_size], 32, {}
@@ -141,6 +141,9 @@ def build_rows(cpu: bool, methods_size: str = "350m", memory_size: str = "1b") -
     rows.append(Row(f"full_{mm}_compile", "compile", "bench", [*spec("full", mm), *_mb(fixed_memory),
                                                                "trainer.compile=true"],
                     expected_s=cost["compile"], cap_s=420, ref="mem_full_none", **t))
+    if cpu:  # memory through torch.profiler costs ~5 s a row on the CPU: measured where the dry run checks it
+        for r in rows:
+            r.memory = r.memory and (r.group == "full" or r.name in ("m_full", "m_galore"))
     return rows
 
 
@@ -157,8 +160,11 @@ def child_device(out: Path, cpu: bool) -> None:
     """Device, driver and versions, and the measured dense bf16 matmul peak (best of several)."""
     import torch
 
+    import lrpretrain
+
     info: dict = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                  "cores": os.cpu_count(), "platform": platform.platform()}
+                  "cores": os.cpu_count(), "platform": platform.platform(),
+                  "lrpretrain_from": str(Path(lrpretrain.__file__).parent)}
     try:
         import triton
 
@@ -237,16 +243,19 @@ def child_data(out: Path, seconds: float, overrides: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------- running
 class Suite:
     def __init__(self, out: Path, deadline: float, rows: list[Row], cpu: bool, argv: list[str]):
-        self.out, self.deadline, self.rows, self.cpu, self.argv = out, deadline, rows, cpu, argv
+        self.out, self.deadline, self.rows, self.cpu, self.argv = out.resolve(), deadline, rows, cpu, argv
         self.t0 = time.monotonic()
         self.records: dict[str, dict] = {}
         self.device: dict | None = None
         self.proc: subprocess.Popen | None = None
-        (out / "logs").mkdir(parents=True, exist_ok=True)
-        self.jsonl = out / "gpu_suite.jsonl"
+        (self.out / "logs").mkdir(parents=True, exist_ok=True)
+        self.jsonl = self.out / "gpu_suite.jsonl"
         self.jsonl.write_text("")
         self.fail = os.environ.get(FAIL_ENV, "")
         self.fake_oom = int(os.environ[OOM_ENV]) if os.environ.get(OOM_ENV) else None
+        git = subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True)
+        self.commit = git.stdout.strip() if git.returncode == 0 else "unknown (no git)"
 
     def left(self) -> float:
         return self.deadline - (time.monotonic() - self.t0)
@@ -257,8 +266,10 @@ class Suite:
         with open(log, "a") as f:
             f.write(f"$ {' '.join(cmd)}\n")
             f.flush()
+            # cwd: the results folder, not the checkout, whose lrpretrain/ would shadow the package on
+            # PYTHONPATH (gpu_suite.sh maps conf/, kernels/, data_recipes/ into it as an install does)
             self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                                         cwd=HERE.parent)
+                                         cwd=self.out)
             try:
                 _, err = self.proc.communicate(timeout=max(timeout, 1.0))
                 status = "ok" if self.proc.returncode == 0 else ("oom" if OOM.search(err or "") else "failed")
@@ -279,6 +290,9 @@ class Suite:
         rec: dict = {"row": row.name, "group": row.group, "kind": row.kind, "overrides": row.overrides,
                      "note": row.note, "ref": row.ref}
         left = self.left()
+        if not self.cpu and "device" in self.records and not (self.device or {}).get("sm_count"):
+            return {**rec, "status": "skipped: no CUDA device", "wall_s": 0.0,
+                    "detail": "the device row found no CUDA device (--cpu runs the dry run)"}
         if left < row.expected_s:
             return {**rec, "status": "skipped: deadline", "wall_s": 0.0,
                     "detail": f"{left:.0f} s left, row expects {row.expected_s:.0f} s"}
@@ -390,7 +404,8 @@ class Suite:
     # ------------------------------------------------------------------------------------------ summary
     def write_md(self, final: bool = False) -> None:
         (self.out / "gpu_suite.md").write_text(summary(self.records, self.rows, self.device, self.deadline,
-                                                       time.monotonic() - self.t0, self.cpu, self.argv, final))
+                                                       time.monotonic() - self.t0, self.cpu, self.argv, final,
+                                                       self.commit))
 
 
 def _gib(x) -> str:
@@ -439,7 +454,7 @@ def _table(head: list[str], lines: list[list[str]]) -> list[str]:
 
 
 def summary(records: dict, rows: list[Row], device: dict | None, deadline: float, wall: float, cpu: bool,
-            argv: list[str], final: bool) -> str:
+            argv: list[str], final: bool, commit: str = "unknown") -> str:
     d = device or {}
     measured = d.get("measured_bf16_flops")
     nominal = d.get("nominal_bf16_flops")
@@ -448,13 +463,13 @@ def summary(records: dict, rows: list[Row], device: dict | None, deadline: float
         s = records[r.name]["status"].split(":")[0] if r.name in records else "not run"
         counts[s] = counts.get(s, 0) + 1
     lines = [f"# GPU suite ({'CPU dry run, tiny sizes' if cpu else 'GPU'}) — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-             "", f"Command: `python benchmarks/gpu_suite.py {' '.join(argv)}`", ""]
+             "", f"Command: `python benchmarks/gpu_suite.py {' '.join(argv)}` (commit {commit})", ""]
     if device:
         lines += [f"- device: {d.get('device')} ({_gib(d.get('memory_bytes'))} GiB"
                   + (f", {d['sm_count']} SMs, compute capability {d['capability']}" if "sm_count" in d else "") + ")",
                   f"- nvidia-smi (name, driver, memory, power limit, max SM clock): {d.get('nvidia_smi')}",
                   f"- torch {d.get('torch')} (CUDA {d.get('cuda')}), triton {d.get('triton')}, Python {d.get('python')}",
-                  f"- host CPU: {d.get('cpu')}, {d.get('cores')} cores",
+                  f"- host CPU: {d.get('cpu')}, {d.get('cores')} cores; lrpretrain from {d.get('lrpretrain_from')}",
                   f"- dense bf16 matmul: measured {measured / 1e12:.3g} TFLOP/s ({d.get('matmul')}); nominal "
                   + (f"{nominal / 1e12:.0f} TFLOP/s ({d.get('nominal_source')}), measured/nominal "
                      f"{measured / nominal:.2f}" if nominal else f"– ({d.get('nominal_source')})")]
