@@ -1,6 +1,6 @@
 """The GPU benchmark suite: one command that measures what only a GPU can show, within a deadline.
 
-    python benchmarks/gpu_suite.py --out gpu-results --deadline 450 [--rows PATTERN[,PATTERN...]] [--cpu]
+    python benchmarks/gpu_suite.py --out gpu-results [--deadline 450] [--rows PATTERN[,PATTERN...]] [--cpu] [--list]
     benchmarks/gpu_suite.sh --out gpu-results --deadline 450   # on a bare machine: installs .gpu-wheels/ first
 
 Rows run one after another, each in its own process (``lrpretrain bench --json``; the device probe and
@@ -10,7 +10,7 @@ appended to ``OUT/gpu_suite.jsonl`` at once, and ``OUT/gpu_suite.md`` (the summa
 every row, so a suite cut short by its deadline, or killed, still leaves both. Every child's full
 output is kept in ``OUT/logs/<row>.log``.
 
-The deadline: a row whose expected cost (``Row.expected_s``, a guess for an H100/H200-class GPU; in
+The deadline (default 450 s; 900 s with ``--cpu``): a row whose expected cost (``Row.expected_s``, a guess for an H100/H200-class GPU; in
 ``--cpu`` mode measured on a 2-core CPU) exceeds the time left is recorded as ``skipped: deadline``;
 a row that runs is killed (its whole process group) when it passes ``min(Row.cap_s, time left)``.
 Rows come in order of value: device probe, full rank by size, the methods relative to full, GaLore's
@@ -290,7 +290,7 @@ class Suite:
         rec: dict = {"row": row.name, "group": row.group, "kind": row.kind, "overrides": row.overrides,
                      "note": row.note, "ref": row.ref}
         left = self.left()
-        if not self.cpu and "device" in self.records and not (self.device or {}).get("sm_count"):
+        if not self.cpu and self.device is not None and not self.device.get("sm_count"):
             return {**rec, "status": "skipped: no CUDA device", "wall_s": 0.0,
                     "detail": "the device row found no CUDA device (--cpu runs the dry run)"}
         if left < row.expected_s:
@@ -544,7 +544,7 @@ def galore_refresh_line(records: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="results folder (gpu_suite.jsonl, gpu_suite.md, logs/)")
-    ap.add_argument("--deadline", type=float, default=450.0, help="seconds for the whole suite (default 450)")
+    ap.add_argument("--deadline", type=float, help="seconds for the whole suite (default 450; with --cpu 900)")
     ap.add_argument("--rows", help="comma-separated fnmatch patterns of row names or groups (default: all)")
     ap.add_argument("--cpu", action="store_true", help="every row at tiny sizes on the CPU (a dry run)")
     ap.add_argument("--methods-model", default="350m", choices=SIZES, help="size of the methods rows (default 350m)")
@@ -574,7 +574,8 @@ def main() -> int:
     if args.out is None:
         ap.error("--out DIR is required")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    suite = Suite(args.out, args.deadline, rows, args.cpu, sys.argv[1:])
+    deadline = args.deadline if args.deadline is not None else (900.0 if args.cpu else 450.0)
+    suite = Suite(args.out, deadline, rows, args.cpu, sys.argv[1:])
     suite.run()
     print(f"wrote {args.out / 'gpu_suite.jsonl'} and {args.out / 'gpu_suite.md'}")
     return 0

@@ -24,7 +24,7 @@ SITE="$WORK/site"
 shopt -s nullglob
 wheels=("$WHEELS"/*.whl)
 # (re)install when the set of wheels differs from the one installed last
-want="$(cd "$WHEELS" && ls -1 -- *.whl 2>/dev/null | sort || true)"
+want="$( ((${#wheels[@]})) && printf '%s\n' "${wheels[@]##*/}" | sort || true)"
 if [[ ! -f "$SITE/.installed" || "$(cat "$SITE/.installed")" != "$want" ]]; then
     rm -rf "$SITE"
     mkdir -p "$SITE"

@@ -156,6 +156,10 @@ def test_cpu_dry_run_through_the_wrapper_records_failures_and_goes_on(tmp_path, 
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "cannot be imported" not in proc.stderr
     assert (wheels / "work" / "site" / "gpu_suite_probe" / "__init__.py").is_file()
+    marker = wheels / "work" / "site" / "marker"
+    marker.write_text("")
+    again = subprocess.run(["bash", str(WRAPPER), "--cpu", "--list"], capture_output=True, text=True, env=env, timeout=120)
+    assert again.returncode == 0 and "installing" not in again.stdout and marker.exists()  # same wheels: kept
 
     recs = read_jsonl(out / "gpu_suite.jsonl")
     assert list(recs) == rows.split(",")
