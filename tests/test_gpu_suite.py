@@ -188,3 +188,17 @@ def test_cpu_dry_run_through_the_wrapper_records_failures_and_goes_on(tmp_path, 
         assert name == "device" or f"| {name} |" in md
     assert "**failed**" in md and "amortised over T = 200" in md and "8: oom, 4: ok" in md
     assert "6 ok, 2 failed" in md
+
+
+@pytest.mark.slow
+def test_a_row_past_its_cap_is_killed_and_the_suite_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setenv(gpu_suite.FAIL_ENV, "after")
+    base = ["model=llama_tiny", "data=embedded", "data.seq_len=32", "trainer.micro_batch_size=4"]
+    rows = [gpu_suite.Row("slow", "data", "data", base, expected_s=0, cap_s=1.0),  # importing alone takes longer
+            gpu_suite.Row("after", "data", "data", base, expected_s=0)]
+    suite = gpu_suite.Suite(tmp_path, 60, rows, cpu=True, argv=[])
+    suite.run()
+    recs = read_jsonl(tmp_path / "gpu_suite.jsonl")
+    assert recs["slow"]["status"] == "timeout" and recs["slow"]["wall_s"] < 10
+    assert recs["after"]["status"] == "failed" and "injected failure" in recs["after"]["stderr_tail"]
+    assert "**timeout**" in (tmp_path / "gpu_suite.md").read_text()
