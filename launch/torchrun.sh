@@ -31,13 +31,18 @@ gpu_count() {
 }
 
 nnodes=${NNODES:-${SLURM_NNODES:-1}}
+# torchrun takes N or MIN:MAX (elastic); anything else is one clear line, not an arithmetic error
+if [[ ! $nnodes =~ ^[1-9][0-9]*(:[1-9][0-9]*)?$ ]]; then
+    echo "torchrun.sh: NNODES=$nnodes is invalid: a node count N or a range MIN:MAX (e.g. 2 or 2:4)" >&2
+    exit 2
+fi
 node_rank=${NODE_RANK:-${SLURM_NODEID:-0}}
 nproc=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-$(gpu_count)}}
 master_port=${MASTER_PORT:-$(( 20000 + ${SLURM_JOB_ID:-9500} % 20000 ))}
 rdzv_id=${RDZV_ID:-${SLURM_JOB_ID:-lrpretrain}}
 
 cmd=("${TORCHRUN:-torchrun}" --nnodes="$nnodes" --nproc-per-node="$nproc" --max-restarts=0)
-if (( nnodes == 1 )); then
+if [[ $nnodes == 1 || $nnodes == 1:1 ]]; then
     cmd+=(--standalone)
 else
     master_addr=${MASTER_ADDR:-}

@@ -203,6 +203,21 @@ def test_torchrun_several_nodes_from_env(fakes):
     assert r.returncode == 2 and "needs MASTER_ADDR" in r.stderr
 
 
+def test_torchrun_elastic_node_range_and_bad_counts(fakes):
+    r = _torchrun_cmd(fakes, SLURM_JOB_ID="", NNODES="2:4", NODE_RANK="0", MASTER_ADDR="10.0.0.5",
+                      MASTER_PORT="29400", NPROC_PER_NODE="1")
+    assert r.returncode == 0, r.stderr
+    assert "--nnodes=2:4 --nproc-per-node=1 --max-restarts=0 --node-rank=0 --rdzv-backend=c10d " \
+           "--rdzv-endpoint=10.0.0.5:29400" in r.stderr
+    r = _torchrun_cmd(fakes, NNODES="1:1", NPROC_PER_NODE="1")
+    assert r.returncode == 0 and "--standalone" in r.stderr, r.stderr
+    for bad in ("two", "0", "2:", "2-4"):
+        r = _torchrun_cmd(fakes, NNODES=bad, NPROC_PER_NODE="1")
+        assert r.returncode == 2, (bad, r.stderr)
+        assert r.stderr.strip().splitlines() == [f"torchrun.sh: NNODES={bad} is invalid: a node count N or a range "
+                                                 "MIN:MAX (e.g. 2 or 2:4)"], r.stderr
+
+
 def test_torchrun_first_of_very_many_slurm_hosts(fakes):
     # 100k hosts (1.1 MB) overflow the pipe: `scontrol ... | head -n 1` under pipefail died of SIGPIPE
     # (exit 141, no message) here every time, and by a race with the two-host fake now and then
