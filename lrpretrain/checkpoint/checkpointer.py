@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lrpretrain.checkpoint.files import crc32, fsync_file, tensor_bytes, unshared
-from lrpretrain.errors import CheckpointError
+from lrpretrain.errors import CheckpointError, StorageError
 from lrpretrain.storage import (
     atomic_write_text,
     free_bytes,
@@ -111,6 +111,9 @@ class Checkpointer:
             self._free = free_bytes(self.root)  # a statvfs: what the message compares the need with
         try:
             yield
+        except StorageError:  # an inner block said it already
+            self.discard()
+            raise
         except Exception as e:
             total = self._needed() if callable(self._needed) else self._needed
             err = self._failed(step, e, total or needed or None, path)  # type: ignore[arg-type]

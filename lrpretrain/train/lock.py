@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from lrpretrain.errors import ConfigError, RunDirInUse
-from lrpretrain.storage import pid_alive, pid_start, storage_error
+from lrpretrain.storage import guarded_write, pid_alive, pid_start, storage_error
 
 LOCK_NAME = ".lrpretrain.lock"
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
@@ -115,7 +115,7 @@ class RunLock:
         return self
 
     def hold(self) -> None:
-        """:meth:`acquire`, returning nothing (for :func:`lrpretrain.distributed.on_main`)."""
+        """:meth:`acquire`, returning nothing (for :func:`lrpretrain.comm.on_main`)."""
         self.acquire()
 
     def _lock(self) -> int:
@@ -131,9 +131,7 @@ class RunLock:
                 if e.errno in (errno.EACCES, errno.EAGAIN):
                     rec = self._read(fd)
                     os.close(fd)
-                    holder = _describe(rec) if rec else "a process that has not written its record yet"
-                    raise RunDirInUse(f"run.dir {self.run_dir} is in use by another lrpretrain process ({holder}); "
-                                      "wait for it to finish or stop it, or use another run.dir") from e
+                    raise self._in_use(rec) from e
                 if e.errno not in _NO_LOCKS:
                     os.close(fd)
                     raise
@@ -167,28 +165,33 @@ class RunLock:
             if not self.break_lock:
                 raise RunDirInUse(f"run.dir {self.run_dir} is locked by a process on another host ({_describe(rec)}), "
                                   f"which this host cannot check; {clear}")
-            self.warn(f"run.break_lock=true: taking over the lock of {self.run_dir} from {_describe(rec)}")
+            self._break(rec)
             return
         pid = rec.get("pid")
         if isinstance(pid, int) and pid != os.getpid() and pid_alive(pid, rec.get("pid_start")):
             # alive, yet the OS lock was free (or the filesystem has none): it may have lost its lock
             if not self.break_lock:
-                raise RunDirInUse(f"run.dir {self.run_dir} is in use by another lrpretrain process ({_describe(rec)}); "
-                                  f"wait for it to finish or stop it, or use another run.dir; {clear}")
-            self.warn(f"run.break_lock=true: taking over the lock of {self.run_dir} from {_describe(rec)}")
+                raise self._in_use(rec, f"; {clear}")
+            self._break(rec)
             return
         self.warn(f"taking over the lock of {self.run_dir} from a process that is gone ({_describe(rec)})")
+
+    def _in_use(self, rec: dict[str, Any], then: str = "") -> RunDirInUse:
+        holder = _describe(rec) if rec else "a process that has not written its record yet"
+        return RunDirInUse(f"run.dir {self.run_dir} is in use by another lrpretrain process ({holder}); "
+                           f"wait for it to finish or stop it, or use another run.dir{then}")
+
+    def _break(self, rec: dict[str, Any]) -> None:
+        self.warn(f"run.break_lock=true: taking over the lock of {self.run_dir} from {_describe(rec)}")
 
     def _write_record(self, fd: int) -> None:
         rec = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": pid_start(os.getpid()),
                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)[:500]}
         data = (json.dumps(rec) + "\n").encode()
-        try:
+        with guarded_write(self.path, len(data)):
             os.ftruncate(fd, 0)
             os.pwrite(fd, data, 0)
             os.fsync(fd)
-        except OSError as e:
-            raise (storage_error(e, self.path, len(data)) or e) from e
 
     # -- giving it back --------------------------------------------------------------------------
     def release(self) -> None:
