@@ -117,6 +117,8 @@ class OptimConfig:
 
 
 RECOMPUTE = ("none", "full", "selective", "method")
+PRECISIONS = ("auto", "fp32", "bf16", "pure_bf16")
+BF16_UPDATES = ("stochastic", "nearest", "kahan")
 PER_LAYER_CLIP = ("global", "param")
 
 
@@ -133,7 +135,10 @@ class TrainerConfig:
     ckpt_checksum: bool = True  # crc32 of every checkpoint file, verified on load
     resume: str = "auto"  # auto | never | PATH to a checkpoint directory
     log_every: int = 1
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast, fp32 master weights) | pure_bf16 (bf16 weights,
+    # gradients and activations, no fp32 copy; lrpretrain/optim/bf16.py)
+    precision: str = "auto"
+    bf16_update: str = "stochastic"  # pure_bf16: how the fp32 update is rounded into bf16 weights: stochastic | nearest | kahan
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile the model
     threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
@@ -151,7 +156,8 @@ class TrainerConfig:
             check(getattr(self, f) >= 0, f"trainer.{f}", getattr(self, f), "must be >= 0")
         check(self.resume in ("auto", "never") or bool(self.resume), "trainer.resume", self.resume,
               "allowed: auto, never, or a checkpoint directory")
-        _one_of("trainer.precision", self.precision, ("auto", "fp32", "bf16"))
+        _one_of("trainer.precision", self.precision, PRECISIONS)
+        _one_of("trainer.bf16_update", self.bf16_update, BF16_UPDATES)
         _one_of("trainer.device", self.device, ("auto", "cpu", "cuda"))
         _one_of("trainer.on_nonfinite", self.on_nonfinite, ("skip", "stop"))
         check(self.max_nonfinite > 0, "trainer.max_nonfinite", self.max_nonfinite, "must be > 0")
@@ -159,6 +165,12 @@ class TrainerConfig:
         check(self.recompute_every >= 1, "trainer.recompute_every", self.recompute_every,
               "must be >= 1 (1 checkpoints every block, k every k-th)")
         _one_of("trainer.per_layer_clip", self.per_layer_clip, PER_LAYER_CLIP)
+
+    def resolved_precision(self, cuda: bool) -> str:
+        """``fp32``, ``bf16`` (autocast) or ``pure_bf16``; ``auto`` is bf16 on CUDA and fp32 elsewhere."""
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if cuda else "fp32"
 
 
 STRATEGIES = ("single", "ddp", "fsdp2", "deepspeed")

@@ -8,7 +8,9 @@ weight, is built in full on every rank instead, as a single process does, then s
 rank 0, which builds the same model once more on the CPU exactly as a single process does (same
 seed, same surgery) and broadcasts it shard by shard (``set_model_state_dict(...,
 broadcast_from_rank0=True)``): the initial weights equal the single-process run's, for every method.
-Cost: rank 0 holds one full fp32 copy of the model in CPU memory while it starts.
+Cost: rank 0 holds one full copy of the model in CPU memory while it starts. Under
+``trainer.precision=pure_bf16`` the parameters are bf16 (built in fp32, then cast, as a single process
+does): no mixed-precision policy casts them, and the optimizer rounds each shard's update into bf16.
 
 **Gradients.** FSDP2 reduce-scatters each block's gradients in the backward (averaging; the loss is
 multiplied by the world size so that the ranks' gradients sum, as the loss normalisation requires).
@@ -94,6 +96,9 @@ class FSDP2(Strategy):
         if cfg.trainer.compile:
             raise ConfigError("trainer.compile=true is not supported with distributed.strategy=fsdp2 here "
                               "(untested); use trainer.compile=false")
+        if cfg.trainer.precision == "pure_bf16" and cfg.distributed.param_dtype == "fp16":
+            raise ConfigError("distributed.param_dtype=fp16 contradicts trainer.precision=pure_bf16 (the parameters are "
+                              "bf16 and are gathered as they are); use distributed.param_dtype=bf16 or leave it at fp32")
 
     def setup(self, device: torch.device) -> torch.device:
         device = super().setup(device)
@@ -102,7 +107,10 @@ class FSDP2(Strategy):
 
     # -- model -----------------------------------------------------------------------------------
     def build_model(self, build: Callable[..., nn.Module]) -> nn.Module:
-        mp = MixedPrecisionPolicy(param_dtype=DTYPES[self.dcfg.param_dtype], reduce_dtype=DTYPES[self.dcfg.reduce_dtype])
+        # pure_bf16: the parameters are bf16 already and are gathered as they are (no cast, no fp32 copy);
+        # reduce_dtype still applies (fp32 by default: the gradient is reduce-scattered in fp32, stored in bf16)
+        param_dtype = None if self.cfg.trainer.precision == "pure_bf16" else DTYPES[self.dcfg.param_dtype]
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=DTYPES[self.dcfg.reduce_dtype])
         kw = {"mesh": self.mesh, "mp_policy": mp, "reshard_after_forward": self.dcfg.reshard_after_forward}
         if not _surgery_runs_on_meta(build):
             # The method's surgery needs real weights (SST's SVD of the initial weight): every rank builds

@@ -21,9 +21,9 @@ from torch import nn
 
 from lrpretrain.errors import UserError
 from lrpretrain.model.llama import flops_per_token, param_count
-from lrpretrain.model.memory import llama_layer_bytes
+from lrpretrain.model.memory import activation_itemsize, largest_trainable, llama_layer_bytes
 from lrpretrain.optim import AdamW, ParamwiseOptimizer
-from lrpretrain.optim.memory import adamw_state_bytes
+from lrpretrain.optim.memory import adamw_state_bytes, elementwise_temp_bytes
 
 if TYPE_CHECKING:
     from lrpretrain.config import ModelConfig, OptimConfig
@@ -40,6 +40,10 @@ class MethodConfig:
 
     def validate_for_model(self, model_cfg: ModelConfig) -> None:
         """Checks that need the model's shapes (a rank against min(m, n)); run before any heavy work."""
+
+    def resolve_for_precision(self, precision: str) -> None:
+        """Resolve keys whose default follows ``trainer.precision`` (``auto`` values), once, when the
+        run's config is loaded, so the run's config.yaml holds the value used."""
 
 
 @dataclass
@@ -192,21 +196,30 @@ class Method:
         trainable = self.cost(model_cfg, 1)["trainable_params"]
         return adamw_state_bytes(model_cfg, trainable, optim_cfg.state_bits)
 
-    def activation_bytes(self, model_cfg: ModelConfig, recompute: str, recompute_every: int, bf16: bool) -> float:
+    def step_temp_bytes(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, precision: str) -> float:
+        """Analytic bytes of the temporaries of the costliest single-parameter optimizer step (for
+        ``lrpretrain estimate``): by default AdamW's element-wise step of the largest trainable tensor,
+        in pieces (:func:`lrpretrain.optim.memory.elementwise_temp_bytes`)."""
+        largest = self.cost(model_cfg, 1).get("largest_trainable", largest_trainable(model_cfg))
+        bits = min(optim_cfg.state_bits, getattr(self.cfg, "state_bits", 32))
+        return elementwise_temp_bytes(float(largest), bits, precision)
+
+    def activation_bytes(self, model_cfg: ModelConfig, recompute: str, recompute_every: int, precision: str) -> float:
         """Bytes per token that the decoder layers keep for the backward after a forward (all layers;
         the embedding, final norm, LM head and loss are counted by the estimator).
 
-        Default: the plain LLaMA block's (:func:`lrpretrain.model.memory.llama_layer_bytes`), blocks 0, k,
-        2k, ... checkpointed under ``full|selective``. A method that changes what a block saves
-        overrides it; ``recompute="method"`` is its own policy's figure.
+        ``precision``: ``fp32``, ``bf16`` (autocast) or ``pure_bf16``. Default: the plain LLaMA block's
+        (:func:`lrpretrain.model.memory.llama_layer_bytes`), blocks 0, k, 2k, ... checkpointed under
+        ``full|selective``. A method that changes what a block saves overrides it;
+        ``recompute="method"`` is its own policy's figure.
         """
         if recompute == "method":
             raise NotImplementedError(f"method '{self.name}' has no activation model for its recompute policy")
-        extra = (2.0 if bf16 else 4.0) * self.layer_extra_values(model_cfg)  # bf16: an approximation
+        extra = activation_itemsize(precision) * self.layer_extra_values(model_cfg)  # bf16: an approximation
         total = 0.0
         for i in range(model_cfg.n_layers):
             checkpointed = recompute != "none" and i % recompute_every == 0
-            total += llama_layer_bytes(model_cfg, recompute if checkpointed else "none", bf16)
+            total += llama_layer_bytes(model_cfg, recompute if checkpointed else "none", precision)
             total += 0.0 if checkpointed else extra
         return total
 

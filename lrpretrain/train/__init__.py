@@ -18,7 +18,9 @@ from lrpretrain.distributed.strategy import Strategy, build_strategy
 from lrpretrain.errors import ConfigError
 from lrpretrain.methods import Method, get_method
 from lrpretrain.metrics import MetricsLogger
-from lrpretrain.model import build_model
+from lrpretrain.model import build_model, cast_parameters
+from lrpretrain.optim import ParamwiseOptimizer
+from lrpretrain.optim.bf16 import Bf16Update
 from lrpretrain.train.assemble import from_yaml, load_config
 from lrpretrain.train.lock import RunLock
 from lrpretrain.train.per_layer import PerLayerUpdate
@@ -45,6 +47,8 @@ def model_builder(cfg: Config, plugin: Method) -> Callable[..., torch.nn.Module]
         method = get_method(cfg.method.name)(cfg.method, cfg.model) if reference else plugin
         seed_everything(cfg.seed)
         m = method.prepare_model(build_model(cfg.model, dev, materialize=torch.device(dev).type != "meta"))
+        if cfg.trainer.precision == "pure_bf16":  # initialised (and the surgery done) in fp32, then stored in bf16
+            cast_parameters(m, torch.bfloat16)
         apply_recompute(m, cfg.trainer.recompute, cfg.trainer.recompute_every, method)
         return m
 
@@ -90,6 +94,8 @@ def _build(cfg: Config, resolved: DictConfig, strategy: Strategy, device: torch.
     model = strategy.build_model(model_builder(cfg, plugin))
     optimizer = strategy.build_optimizer(model, lambda: plugin.build_optimizer(plugin.param_groups(model, cfg.optim),
                                                                                cfg.optim))
+    if cfg.trainer.precision == "pure_bf16":
+        attach_bf16_update(optimizer, cfg.trainer.bf16_update, cfg.seed)
     accum = cfg.trainer.batch_size // (cfg.trainer.micro_batch_size * w)
     per_layer = PerLayerUpdate(model, optimizer, cfg.trainer.per_layer_clip, cfg.optim.grad_clip, accum,
                                graph_is_reusable(cfg.trainer.recompute), strategy) if cfg.trainer.per_layer_update else None
@@ -110,16 +116,18 @@ def _build(cfg: Config, resolved: DictConfig, strategy: Strategy, device: torch.
                     f"{cfg.eval.galore_tokens} tokens, but the held-out set has {val.available_tokens} "
                     f"(data.val_tokens={cfg.data.val_tokens}): its figure covers fewer batches than GaLore's")
 
-    if cfg.trainer.precision == "bf16" and device.type == "cpu":
-        logger.info("warning: trainer.precision=bf16 on the CPU: without native bf16 matmuls this is far slower "
-                    "than fp32 (29x on the CPU in benchmarks/results/README.md)")
+    if cfg.trainer.precision in ("bf16", "pure_bf16") and device.type == "cpu":
+        logger.info(f"warning: trainer.precision={cfg.trainer.precision} on the CPU: without native bf16 matmuls this "
+                    "is far slower than fp32 (29x on the CPU in benchmarks/results/README.md)")
     cost = plugin.cost(cfg.model, cfg.data.seq_len)
     trainer = Trainer(cfg, resolved, model, plugin, optimizer, data, val, run_dir, logger, device, accum,
                       flops_per_token=cost["flops_per_token"], per_layer=per_layer, strategy=strategy, forward=forward)
     logger.info(f"run {run_dir} | model {cfg.model.name} ({n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable) | "
                 f"method {cfg.method.name} | data {cfg.data.name} ({cfg.data.mode}, seq {cfg.data.seq_len}) | "
                 f"{cfg.trainer.batch_size} seq/update = {accum} x {cfg.trainer.micro_batch_size} x {w} | "
-                f"device {device} | {trainer.precision} | distributed.strategy={strategy.name}")
+                f"device {device} | {trainer.precision}"
+                f"{f' ({cfg.trainer.bf16_update} rounding of the updates)' if trainer.precision == 'pure_bf16' else ''} | "
+                f"distributed.strategy={strategy.name}")
     if cfg.trainer.recompute != "none":
         k = cfg.trainer.recompute_every
         which = "" if cfg.trainer.recompute == "method" else " (every block)" if k == 1 else f" (blocks 0, {k}, {2 * k}, ...)"
@@ -127,6 +135,15 @@ def _build(cfg: Config, resolved: DictConfig, strategy: Strategy, device: torch.
     if per_layer is not None:
         logger.info(per_layer.describe())
     return trainer
+
+
+def attach_bf16_update(optimizer: torch.optim.Optimizer, rule: str, seed: int) -> None:
+    """``trainer.precision=pure_bf16``: the optimizer steps bf16 weights through fp32 working copies and
+    rounds back with ``trainer.bf16_update`` (:mod:`lrpretrain.optim.bf16`)."""
+    if not isinstance(optimizer, ParamwiseOptimizer):
+        raise ConfigError(f"trainer.precision=pure_bf16 needs a lrpretrain.optim.ParamwiseOptimizer (it rounds each "
+                          f"parameter's update into bf16); the method's optimizer is {type(optimizer).__name__}")
+    optimizer.bf16_update = Bf16Update(rule, seed)
 
 
 def _prepare_run_dir(run_dir: Path, resolved: DictConfig, cfg: Config) -> list[str]:

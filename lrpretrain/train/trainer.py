@@ -75,8 +75,9 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.state = TrainState()
         self.ckpt = Checkpointer(run_dir, cfg.trainer.keep_last, cfg.trainer.ckpt_checksum)
-        bf16 = cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and device.type == "cuda")
-        self.precision = "bf16" if bf16 else "fp32"
+        # fp32 | bf16 (autocast over fp32 master weights) | pure_bf16 (the model is bf16: no autocast)
+        self.precision = cfg.trainer.resolved_precision(device.type == "cuda")
+        bf16 = self.precision == "bf16"
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
         self._stop_signal: str | None = None
 
