@@ -220,6 +220,8 @@ def preset(method: str, size: str) -> list[str]:
 
 def row_overrides(row: Row, cpu: bool, sizes: dict[str, str]) -> list[str]:
     """The row's Hydra overrides, its micro-batch included when fixed."""
+    if row.kind == "device":
+        return []
     if cpu:
         spec = [*CPU_BASE, f"method={row.method}", *([] if row.method in NO_RANK else ["method.rank=8"])]
         mb = CPU_DATA_MB if row.kind == "data" else CPU_MB
@@ -291,12 +293,17 @@ def job_bench(job: dict) -> int:
             return 0
     if job.get("fake_oom"):
         sys.exit(f"torch.OutOfMemoryError: CUDA out of memory (injected by {OOM_ENV})")
-    extra = ["trainer.gpu_suite_injected_failure=1"] if job.get("inject") == "fail" else []
-    args = ["bench", *overrides, *extra, "--warmup", str(job["warmup"]), "--steps", str(job["steps"]),
-            "--json", job["result"], *([] if job["memory"] else ["--no-memory"]),
-            *(["--peak-flops", repr(job["peak_flops"])] if job.get("peak_flops") else [])]
+    args = bench_args(job)
     print("$ lrpretrain " + " ".join(args), flush=True)
     return lrpretrain_main(args)
+
+
+def bench_args(job: dict) -> list[str]:
+    """``lrpretrain bench``'s arguments for a bench job."""
+    extra = ["trainer.gpu_suite_injected_failure=1"] if job.get("inject") == "fail" else []
+    return ["bench", *job["overrides"], *extra, "--warmup", str(job["warmup"]), "--steps", str(job["steps"]),
+            "--json", job["result"], *([] if job["memory"] else ["--no-memory"]),
+            *(["--peak-flops", repr(job["peak_flops"])] if job.get("peak_flops") else [])]
 
 
 def job_device(out: Path, cpu: bool) -> None:
@@ -630,6 +637,8 @@ class Suite:
     @staticmethod
     def outcome(res: Outcome, job: dict) -> dict:
         out: dict = {"status": res.status, "returncode": res.returncode}
+        if job["kind"] == "bench":  # what reproduces the row (its JSON goes to a temporary file here)
+            out["command"] = "lrpretrain " + " ".join(bench_args(job))
         if res.detail:
             out["detail"] = res.detail
         if res.status == "ok":
