@@ -141,6 +141,7 @@ class TrainerConfig:
     bf16_update: str = "stochastic"  # pure_bf16: how the fp32 update is rounded into bf16 weights: stochastic | nearest | kahan
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile the model
+    compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: dynamo + AOTAutograd, no code generation)
     threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
     on_nonfinite: str = "skip"  # skip the update | stop the run
     max_nonfinite: int = 10  # consecutive skipped updates before stopping anyway
@@ -165,6 +166,8 @@ class TrainerConfig:
         check(self.recompute_every >= 1, "trainer.recompute_every", self.recompute_every,
               "must be >= 1 (1 checkpoints every block, k every k-th)")
         _one_of("trainer.per_layer_clip", self.per_layer_clip, PER_LAYER_CLIP)
+        if self.compile:
+            _one_of("trainer.compile_backend", self.compile_backend, _compile_backends())
 
     def resolved_precision(self, cuda: bool) -> str:
         """``fp32``, ``bf16`` (autocast) or ``pure_bf16``; ``auto`` is bf16 on CUDA and fp32 elsewhere."""
@@ -461,6 +464,14 @@ def validate_across_sections(cfg: Config, world_size: int) -> None:
     check(t.batch_size % per_step == 0, "trainer.batch_size", t.batch_size,
           f"must be a multiple of trainer.micro_batch_size x world_size = {t.micro_batch_size} x {world_size}")
     check(cfg.trainer.device != "cuda" or _cuda_available(), "trainer.device", "cuda", "no CUDA device is available")
+
+
+def _compile_backends() -> tuple[str, ...]:
+    """torch.compile's registered backends, those tagged as debugging tools (aot_eager, eager) included,
+    torch's own test fixtures left out."""
+    from torch._dynamo import list_backends
+
+    return tuple(b for b in list_backends(exclude_tags=()) if "TESTING_ONLY" not in b)
 
 
 def _cuda_available() -> bool:

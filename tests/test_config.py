@@ -73,6 +73,8 @@ def test_overrides_reach_the_typed_config():
     (["model.n_heads=3"], "model.n_heads=3 is invalid: must divide model.dim=256"),
     (["data=jsonl"], "data=jsonl needs at least one file"),
     (["optim.min_lr_ratio=0"], "optim.min_lr_ratio=0.0 is invalid: must be in (0, 1]"),
+    (["trainer.compile=true", "trainer.compile_backend=inductr"],
+     "trainer.compile_backend='inductr' is invalid: allowed: aot_eager, "),
 ])
 def test_bad_config_is_one_clear_line(overrides, expected):
     with pytest.raises(ConfigError) as e:

@@ -140,6 +140,9 @@ def test_bench_cli_bad_values(cli):
     assert res.code == 2 and "unknown option '--frobnicate'" in res.error_lines[0]
     res = cli("bench", *SMALL, "trainer.recompute=sometimes")
     assert res.code == 2 and "trainer.recompute" in res.error_lines[0]
+    for bad in ("fast", "0", "nan"):
+        res = cli("bench", *SMALL, "--peak-flops", bad)
+        assert res.code == 2 and len(res.error_lines) == 1 and "--peak-flops" in res.error_lines[0], res.err
 
 
 def test_parse_budget():

@@ -61,7 +61,7 @@ class Trainer:
         self.model = model  # unwrapped: what the method's hooks and checkpoints see
         self.strategy = strategy or Strategy(cfg)  # distributed.strategy (lrpretrain/distributed/strategy.py)
         forward = model if forward is None else forward  # the wrapped module (DDP, engine) or the model
-        self.forward = torch.compile(forward) if cfg.trainer.compile else forward
+        self.forward = torch.compile(forward, backend=cfg.trainer.compile_backend) if cfg.trainer.compile else forward
         self.method = method
         self.optimizer = optimizer
         for group in optimizer.param_groups:
