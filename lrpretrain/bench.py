@@ -211,7 +211,7 @@ def _measure(cfg, trainer, warmup: int, steps: int, memory: bool, peak_flops: fl
         sync()
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
-    bf16 = trainer.precision == "bf16"
+    bf16 = trainer.precision != "fp32"  # bf16 autocast or pure bf16: the bf16 peak
     if peak_flops is not None:
         source = "given (--peak-flops)"
     elif cuda:
