@@ -37,7 +37,6 @@ import fcntl
 import json
 import multiprocessing as mp
 import os
-import queue
 import signal
 import sys
 import threading
@@ -104,11 +103,13 @@ class _Worker:
     """What a tokenizing worker needs; one per process (set by the pool's initializer) or the thread."""
 
     def __init__(self, cfg: dict[str, Any], tokenizer_json: str, eos_id: int, pad_id: int, root: str, dtype: str,
-                 progress: Any, limits: Any, ppid: int | None):
+                 counters: list[Any], limits: list[Any], ppid: int | None):
         self.cfg = DataConfig(**cfg)
         self.tok = TokenizerInfo(Tokenizer.from_str(tokenizer_json), "pretokenize", eos_id, pad_id, 0)
         self.root, self.dtype = Path(root), np.dtype(dtype)
-        self.progress, self.limits, self.ppid = progress, limits, ppid
+        # per split: tokens, documents and budget units done of each shard (one writer each: no locks),
+        # and the index past which shards are cancelled
+        self.counters, self.limits, self.ppid = counters, limits, ppid
         self.sources: dict[str, DocumentSource] = {}
         fault = os.environ.get(FAULT_ENV, "")
         self.fault = (fault.split(":")[0], int(fault.split(":")[1]), int(fault.split(":")[2])) if fault else None
@@ -138,7 +139,7 @@ class _Worker:
         mode, L = self.cfg.mode, self.cfg.seq_len
         src = self.source(split)
         offsets, n_tok, units, max_id, crc, complete = [0], 0, 0, -1, 0, True
-        last_report, reported = time.monotonic(), (0, 0, 0)
+        counter = self.counters[SPLITS.index(split)]
         try:
             with guarded_write(tmp_t), open(tmp_t, "wb") as f:
                 texts = src.iter_shard(index)
@@ -160,10 +161,7 @@ class _Worker:
                     n_tok += len(flat)
                     if len(flat):
                         max_id = max(max_id, int(flat.max()))
-                    if time.monotonic() - last_report > 0.5:
-                        self.progress.put((split, index, n_tok - reported[0], len(offsets) - 1 - reported[1],
-                                           units - reported[2]))
-                        last_report, reported = time.monotonic(), (n_tok, len(offsets) - 1, units)
+                    counter[3 * index : 3 * index + 3] = (n_tok, len(offsets) - 1, units)
                     if self.fault is not None and self.fault[:2] == (split, index) and len(offsets) - 1 >= self.fault[2]:
                         f.flush()
                         self.die()
@@ -185,7 +183,6 @@ class _Worker:
         finally:
             tmp_t.unlink(missing_ok=True)
             tmp_o.unlink(missing_ok=True)
-        self.progress.put((split, index, n_tok - reported[0], len(offsets) - 1 - reported[1], units - reported[2]))
         lens = np.diff(np.asarray(offsets, np.int64))
         record = {"index": index, "source": src.shard_name(index), "docs": len(lens),
                   "nonempty_docs": int((lens > 0).sum()), "tokens": n_tok, "max_id": max_id, "complete": complete,
@@ -223,66 +220,55 @@ def _run_shard(split: str, index: int, stop_after: int | None) -> dict[str, Any]
 
 # ---------------------------------------------------------------------------------------------- driver side
 class _Progress:
-    """tokens/s and ETA of one split's preparation: a tqdm bar, or a line every few seconds."""
+    """tokens/s and ETA of one split's preparation (from the workers' counters): a tqdm bar, or a line
+    every few seconds."""
 
-    def __init__(self, split: str, style: str, weights: list[float], todo: list[int], budget: int | None):
-        self.split, self.style, self.budget = split, style, budget
-        self.weights, self.todo = weights, set(todo)
+    def __init__(self, split: str, style: str, counts: np.ndarray, weights: list[float], todo: list[int],
+                 budget: int | None):
+        self.split, self.style, self.counts, self.weights = split, style, counts, weights
+        self.todo, self.done = todo, set()
+        self.budget = budget  # budget units left for this run's shards
         self.total_w = sum(weights[i] for i in todo) or 1.0
-        self.t0, self.last = time.monotonic(), 0.0
-        self.tokens, self.docs, self.units_done = 0, 0, 0
-        self.partial: dict[int, int] = {}  # tokens of shards in flight
-        self.partial_units: dict[int, int] = {}
-        self.done_w, self.done_tokens, self.finished = 0.0, 0, 0
+        self.t0 = self.last = time.monotonic()
+        self.done_w, self.done_tokens, self.printed = 0.0, 0, -1
         self.bar = None
         if style == "bar":
             from tqdm import tqdm
 
             self.bar = tqdm(desc=f"pretokenize {split}", unit="tok", unit_scale=True, dynamic_ncols=True, file=sys.stderr)
 
-    def add(self, index: int, tokens: int, docs: int, units: int) -> None:
-        self.tokens += tokens
-        self.docs += docs
-        self.partial[index] = self.partial.get(index, 0) + tokens
-        self.partial_units[index] = self.partial_units.get(index, 0) + units
-        if self.bar is not None:
-            self.bar.update(tokens)
-
     def shard_done(self, index: int, rec: dict[str, Any]) -> None:
-        self.partial.pop(index, None)
-        self.partial_units.pop(index, None)
+        self.done.add(index)
         self.done_w += self.weights[index]
         self.done_tokens += rec["tokens"]
-        self.units_done += rec.get("units", 0)
-        self.finished += 1
 
     def fraction(self) -> float | None:
+        """Of this run's work, done (None while unknown)."""
         if self.budget is not None:
-            units = self.units_done + sum(self.partial_units.values())
-            return min(1.0, units / self.budget) if units else None
+            units = int(self.counts[self.todo, 2].sum())
+            return min(1.0, units / self.budget) if units and self.budget > 0 else None
         if not self.done_tokens:
             return None
-        per_w = self.done_tokens / self.done_w if self.done_w else 0.0
-        partial = sum(min(t / per_w, self.weights[i]) for i, t in self.partial.items()) if per_w else 0.0
+        per_w = self.done_tokens / self.done_w
+        partial = sum(min(self.counts[i, 0] / per_w, self.weights[i]) for i in self.todo if i not in self.done)
         return min(1.0, (self.done_w + partial) / self.total_w)
 
     def show(self, force: bool = False) -> None:
-        now = time.monotonic()
-        elapsed = now - self.t0
-        f = self.fraction()
+        now, tokens = time.monotonic(), int(self.counts[self.todo, 0].sum())
+        elapsed, f = now - self.t0, self.fraction()
         if self.bar is not None:
+            self.bar.update(tokens - self.bar.n)
             if f:
-                self.bar.total = int(self.tokens / f)
-            self.bar.set_postfix_str(f"{self.finished}/{len(self.todo)} shards", refresh=False)
+                self.bar.total = int(tokens / f)
+            self.bar.set_postfix_str(f"{len(self.done)}/{len(self.todo)} shards", refresh=False)
             self.bar.refresh()
             return
-        if self.style != "lines" or (not force and now - self.last < 5.0):
+        if self.style != "lines" or (not force and now - self.last < 5.0) or self.printed == tokens:
             return
-        self.last = now
+        self.last, self.printed = now, tokens
         eta = f"{_fmt_time(elapsed * (1 - f) / f)}" if f else "?"
-        rate = self.tokens / elapsed if elapsed > 0 else 0.0
-        print(f"pretokenize {self.split}: {self.finished}/{len(self.todo)} shards | {_count(self.tokens)} tokens | "
-              f"{_count(rate)} tok/s | eta {eta}", file=sys.stderr, flush=True)
+        print(f"pretokenize {self.split}: {len(self.done)}/{len(self.todo)} shards | {_count(tokens)} tokens | "
+              f"{_count(tokens / max(elapsed, 1e-9))} tok/s | eta {eta}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -428,7 +414,7 @@ class Pretokenizer:
             return None
 
     # -- one split ----------------------------------------------------------------------------------
-    def _split(self, split: str, run: Callable[..., cf.Future], limit: Any) -> list[dict[str, Any]]:
+    def _split(self, split: str, run: Callable[..., cf.Future], limit: Any, counts: np.ndarray) -> list[dict[str, Any]]:
         src, budget = self.sources[split], self.budgets[split]
         n = src.n_shards
         records: dict[int, dict[str, Any]] = {}
@@ -438,7 +424,8 @@ class Pretokenizer:
         kept = len(records)
         weights = ([float(Path(f).stat().st_size) for f in src.files] if src.files is not None else [1.0] * n)
         todo = [i for i in range(n) if i not in records]
-        progress = _Progress(split, self.progress_style, weights, todo, budget)
+        left = None if budget is None else budget - sum(self._units(split, r) for r in records.values())
+        progress = _Progress(split, self.progress_style, counts.reshape(-1, 3)[:n], weights, todo, left)
         if kept:
             self.log(f"pretokenize {split}: {kept} of {n} shards already written and verified")
         futures: dict[cf.Future, int] = {}
@@ -472,7 +459,6 @@ class Pretokenizer:
                 if not futures and j not in records:
                     raise AssertionError(f"pretokenize: shard {j} of {split} was never submitted")
                 done, _ = cf.wait(list(futures), timeout=0.25, return_when=cf.FIRST_COMPLETED)
-                self._drain(progress)
                 for fut in done:
                     i = futures.pop(fut)
                     rec = fut.result()  # a worker's error (DataError, StorageError, ...) stops here
@@ -485,7 +471,6 @@ class Pretokenizer:
             for fut in futures:
                 fut.cancel()
             cf.wait(list(futures))
-            self._drain(progress)
             progress.show(force=True)
             progress.close()
         for i in range(len(final), n):  # shards past the budget (this run's or an earlier one's): not part of it
@@ -526,15 +511,6 @@ class Pretokenizer:
         atomic_write_text(record_path, canonical_json(out))
         return out
 
-    def _drain(self, progress: _Progress) -> None:
-        while True:
-            try:
-                split, index, tokens, docs, units = self.queue.get_nowait()
-            except queue.Empty:
-                return
-            if split == progress.split:
-                progress.add(index, tokens, docs, units)
-
     # -- all of it ------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         t0 = time.monotonic()
@@ -553,24 +529,25 @@ class Pretokenizer:
             args = (asdict(self.cfg), self.tok.tokenizer.to_str(), self.tok.eos_id, self.tok.pad_id, str(self.root),
                     self.dtype.name)
             splits: dict[str, list[dict[str, Any]]] = {}
+            sizes = [3 * max(1, self.sources[s].n_shards if s in self.sources else 0) for s in SPLITS]
             if self.workers == 1:  # in this process: a thread, so that progress and Ctrl-C stay here
-                self.queue = queue.Queue()
-                limits = [_Limit(), _Limit()]
-                worker = _Worker(*args, progress=self.queue, limits=limits, ppid=None)
-                with cf.ThreadPoolExecutor(1) as pool:
-                    for split in self.sources:
-                        splits[split] = self._split(split, lambda *a: pool.submit(worker.shard, *a),
-                                                    limits[SPLITS.index(split)])
+                counters: list[Any] = [np.zeros(n, np.int64) for n in sizes]
+                limits: list[Any] = [_Limit() for _ in SPLITS]
+                worker = _Worker(*args, counters=counters, limits=limits, ppid=None)
+                pool: cf.Executor = cf.ThreadPoolExecutor(1)
+                submit: Callable[..., cf.Future] = lambda *a: pool.submit(worker.shard, *a)  # noqa: E731
             else:
                 ctx = mp.get_context("spawn")  # no fork of a process holding threads and the tokenizer's pool
-                self.queue = ctx.Queue()
-                limits = [ctx.Value("q", 1 << 62, lock=False), ctx.Value("q", 1 << 62, lock=False)]
+                counters = [ctx.RawArray("q", n) for n in sizes]  # shared memory, no locks or semaphores
+                limits = [ctx.RawValue("q", 1 << 62) for _ in SPLITS]
                 threads = max(1, _cores() // self.workers)
-                with cf.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_process,
-                                            initargs=((*args, self.queue, limits), threads)) as pool:
-                    for split in self.sources:
-                        splits[split] = self._split(split, lambda *a: pool.submit(_run_shard, *a),
-                                                    limits[SPLITS.index(split)])
+                pool = cf.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_process,
+                                              initargs=((*args, counters, limits), threads))
+                submit = lambda *a: pool.submit(_run_shard, *a)  # noqa: E731
+            with pool:
+                for split in self.sources:
+                    k = SPLITS.index(split)
+                    splits[split] = self._split(split, submit, limits[k], np.frombuffer(counters[k], np.int64))
             manifest = self._manifest(splits)
             atomic_write_text(self.root / SHARDS_MANIFEST, canonical_json(manifest))
             fsync_dir(self.root)
