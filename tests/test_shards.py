@@ -27,6 +27,7 @@ from tokenizers import Tokenizer
 
 from lrpretrain.config import DataConfig
 from lrpretrain.data import TokenStream, ValidationSet, load_tokenizer
+from lrpretrain.data.pipeline import shard_order
 from lrpretrain.data.pretokenize import Options, budget_units, pretokenize
 from lrpretrain.data.shards import ShardSplit, verify_directory
 from lrpretrain.distributed.data import stream_for
@@ -101,9 +102,9 @@ def c4_shards(c4, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def c4_budget(c4, tmp_path_factory) -> Path:
-    """max_tokens = 40 truncate rows of 32 (the budget is reached in the second file), val_max_tokens=150."""
+    """max_tokens = 50 truncate rows of 32 (reached in the stream's second shard), val_max_tokens=150."""
     out = tmp_path_factory.mktemp("c4b") / "shards"
-    pretokenize(c4_cfg(c4), Options(out=out, num_proc=1, progress="none", max_tokens=40 * 32, val_max_tokens=150), quiet)
+    pretokenize(c4_cfg(c4), Options(out=out, num_proc=1, progress="none", max_tokens=50 * 32, val_max_tokens=150), quiet)
     return out
 
 
@@ -280,37 +281,71 @@ def test_sigkill_resume_from_shards_is_the_on_the_fly_run(tmp_path, emb_shards):
 
 
 # ---------------------------------------------------------------------------------------------- budgets
-def test_max_tokens_counts_rows_as_the_run_consumes_them(c4, c4_shards, c4_budget, tok):
+def test_max_tokens_holds_what_the_stream_reads_first(c4, c4_shards, c4_budget, tok):
+    """The budget counts rows x seq_len; the shards are the stream's first documents (its epoch-0 shard
+    order, whole blocks), so their first epoch is row for row the start of the on-the-fly run."""
     m = json.loads((c4_budget / "manifest.json").read_text())
-    full = json.loads((c4_shards / "manifest.json").read_text())
+    full = {r["index"]: r for r in json.loads((c4_shards / "manifest.json").read_text())["splits"]["train"]["shards"]}
     train = m["splits"]["train"]
-    assert not train["whole"] and m["budget"] == {"max_tokens": 1280, "val_max_tokens": 150, "mode": "truncate",
-                                                   "seq_len": 32}
-    *whole, last = train["shards"]
+    assert not train["whole"] and train["source_shards"] == 5
+    assert m["budget"] == {"max_tokens": 1600, "val_max_tokens": 150, "mode": "truncate", "seq_len": 32, "seed": 0,
+                           "shuffle_block": 8}
+    order = shard_order(5, 0, 0)
+    held = {r["index"]: r for r in train["shards"]}
+    *first, last = order[: len(held)]
+    assert first and sorted(held) == sorted(order[: len(held)])
     no_units = lambda r: {k: v for k, v in r.items() if k != "units"}  # noqa: E731 -- counted for the budget only
-    assert whole and all(r["complete"] and no_units(r) == full["splits"]["train"]["shards"][r["index"]] for r in whole)
-    assert not last["complete"] and last["docs"] < full["splits"]["train"]["shards"][last["index"]]["docs"]
-    assert sum(r["nonempty_docs"] for r in train["shards"]) == 40  # 40 rows of 32 = max_tokens, exactly
-    for r in train["shards"]:  # the cut shard is the prefix of the whole one
-        a = np.fromfile(c4_budget / "train" / f"{r['index']:05d}.tokens", dtype="<u2")
-        b = np.fromfile(c4_shards / "train" / f"{r['index']:05d}.tokens", dtype="<u2")
+    assert all(held[i]["complete"] and no_units(held[i]) == full[i] for i in first)
+    assert not held[last]["complete"] and held[last]["docs"] % 8 == 0 and held[last]["docs"] < full[last]["docs"]
+    for i in held:  # the cut shard is a prefix of the whole one
+        a = np.fromfile(c4_budget / "train" / f"{i:05d}.tokens", dtype="<u2")
+        b = np.fromfile(c4_shards / "train" / f"{i:05d}.tokens", dtype="<u2")
         assert np.array_equal(a, b[: len(a)])
-    assert not (c4_budget / "train" / f"{len(train['shards']):05d}.json").exists()
-    # validation: non-pad tokens as data.val_tokens counts them; reached with its last document
+    assert not set(int(p.stem) for p in (c4_budget / "train").glob("*.json")) - set(held)
+    cfg = c4_cfg(c4)
+    on_the_fly, shards = TokenStream(cfg, tok, 1, prefetch=0), TokenStream(shards_cfg(c4_budget, cfg), tok, 1, prefetch=0)
+    rows = 0
+    while (b := next(shards)).position.epoch == 0:
+        same_batches([next(on_the_fly)], [b])
+        rows += 1
+    assert 50 <= rows < 50 + 8  # max_tokens / seq_len rows, and the rest of the last block
+    # validation: in file order, non-pad tokens as data.val_tokens counts them; reached with its last document
     lens = np.concatenate([np.diff(np.fromfile(c4_budget / "validation" / f"{r['index']:05d}.offsets", dtype="<i8"))
                            for r in m["splits"]["validation"]["shards"]])
     units = budget_units(lens, "validation", "truncate", 32)
     assert units.sum() >= 150 > units.sum() - units[-1]
-    # one epoch of the budgeted shards = max_tokens / seq_len rows
-    s = TokenStream(shards_cfg(c4_budget, c4_cfg(c4)), tok, 1, prefetch=0)
-    assert [next(s).position.epoch for _ in range(41)] == [0] * 40 + [1]
+    assert ValidationSet(shards_cfg(c4_budget, cfg, val_tokens=150), tok).input_ids.equal(
+        ValidationSet(c4_cfg(c4, val_tokens=150), tok).input_ids)
+
+
+def test_a_shard_written_past_the_budget_is_cut_to_the_same_bytes(c4, c4_shards, c4_budget, tmp_path):
+    """A worker bounded by what its shard could need (the shards before it still in flight) writes more
+    than the budget takes; the driver cuts it at the block the budget ends in, and deletes shards past it."""
+    out = tmp_path / "over"
+    shutil.copytree(c4_budget, out)
+    last = shard_order(5, 0, 0)[1]
+    for suffix in (".tokens", ".offsets"):  # the whole shard, as a loosely bounded worker would have written it
+        shutil.copy(c4_shards / "train" / f"{last:05d}{suffix}", out / "train" / f"{last:05d}{suffix}")
+    rec = json.loads((c4_shards / "train" / f"{last:05d}.json").read_text())
+    lens = np.diff(np.fromfile(c4_shards / "train" / f"{last:05d}.offsets", dtype="<i8"))
+    rec["units"] = int(budget_units(lens, "train", "truncate", 32).sum())
+    (out / "train" / f"{last:05d}.json").write_text(json.dumps(rec))
+    beyond = shard_order(5, 0, 0)[2]
+    for suffix in (".tokens", ".offsets", ".json"):
+        shutil.copy(c4_shards / "train" / f"{beyond:05d}{suffix}", out / "train" / f"{beyond:05d}{suffix}")
+    pretokenize(c4_cfg(c4), Options(out=out, num_proc=1, progress="none", max_tokens=50 * 32, val_max_tokens=150), quiet)
+    assert files_of(out) == files_of(c4_budget)
 
 
 def test_pack_budget(c4, tmp_path):
+    """pack: a document counts its tokens + EOS; block 1 cuts right after the one reaching the budget."""
     out = tmp_path / "pack"
-    m = pretokenize(c4_cfg(c4, mode="pack"), Options(out=out, num_proc=1, progress="none", max_tokens=700), quiet)
-    lens = np.concatenate([np.diff(np.fromfile(out / "train" / f"{r['index']:05d}.offsets", dtype="<i8"))
-                           for r in m["splits"]["train"]["shards"]])
+    m = pretokenize(c4_cfg(c4, mode="pack", shuffle_block=1, seed=5),
+                    Options(out=out, num_proc=1, progress="none", max_tokens=700), quiet)
+    held = {r["index"] for r in m["splits"]["train"]["shards"]}
+    order = [i for i in shard_order(5, 5, 0) if i in held]
+    assert order == shard_order(5, 5, 0)[: len(held)]
+    lens = np.concatenate([np.diff(np.fromfile(out / "train" / f"{i:05d}.offsets", dtype="<i8")) for i in order])
     units = budget_units(lens, "train", "pack", 32)
     assert np.array_equal(units, np.where(lens > 0, lens + 1, 0))
     assert units.sum() >= 700 > units.sum() - units[-1]
@@ -338,13 +373,14 @@ def test_killed_preparation_rerun_writes_the_same_bytes(c4, c4_budget, tmp_path)
     out = tmp_path / "shards"
     args = ["prepare-data", "pretokenize", "data=jsonl", f"data.files=[{','.join(c4['train'])}]",
             f"data.val_files=[{','.join(c4['validation'])}]", "data.tokenizer=embedded", "data.seq_len=32",
-            "data.shuffle_block=8", "data.mode=truncate", "data.val_tokens=400", f"out={out}", "max_tokens=1280",
+            "data.shuffle_block=8", "data.mode=truncate", "data.val_tokens=400", f"out={out}", "max_tokens=1600",
             "val_max_tokens=150", "progress=lines"]
-    proc = spawn_cli([*args, "num_proc=2"], env={"LRPRETRAIN_FAULT_KILL_IN_PRETOKENIZE": "train:1:4"})
+    second = shard_order(5, 0, 0)[1]  # the stream's second shard: the budget is reached in it
+    proc = spawn_cli([*args, "num_proc=2"], env={"LRPRETRAIN_FAULT_KILL_IN_PRETOKENIZE": f"train:{second}:4"})
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL, err
     assert not (out / "manifest.json").exists()
-    assert list((out / "train").glob(".00001.tokens.tmp-*"))  # killed while writing shard 1
+    assert list((out / "train").glob(f".{second:05d}.tokens.tmp-*"))  # killed while writing it
     from lrpretrain.cli.main import main
 
     assert main([*args, "num_proc=1"]) == 0

@@ -60,6 +60,11 @@ def _permutation(n: int, *seed_parts: int) -> list[int]:
     return order
 
 
+def shard_order(n_shards: int, seed: int, epoch: int) -> list[int]:
+    """The order in which the single stream (world size 1) reads a split's shards in ``epoch``."""
+    return _permutation(n_shards, seed, epoch)
+
+
 @dataclass(frozen=True)
 class Position:
     epoch: int = 0
@@ -189,7 +194,7 @@ class TokenStream:
     # -- order -----------------------------------------------------------------------------
     def _shards(self, epoch: int) -> tuple[list[int], bool]:
         """This rank's shard order for ``epoch`` and whether items are strided across ranks."""
-        perm = _permutation(self.source.n_shards, self.cfg.seed, epoch)
+        perm = shard_order(self.source.n_shards, self.cfg.seed, epoch)
         if self.source.n_shards % self.world == 0:
             return perm[self.rank :: self.world], False
         return perm, True
@@ -199,7 +204,7 @@ class TokenStream:
         ids), ``items`` being the documents' indices among this rank's items of the permuted block.
         Empty documents carry no tokens and are left out."""
         epoch, shard_i, block, item = start.epoch, start.shard, start.block, start.item
-        B = self.cfg.shuffle_block
+        B, empty_epochs = self.cfg.shuffle_block, 0
         while True:
             shards, strided = self._shards(epoch)
             whole_epoch, seen_in_epoch = (shard_i, block, item) == (0, 0, 0), False
@@ -217,9 +222,12 @@ class TokenStream:
                         yield epoch, shard_i, block, items, [d for d in ids if len(d)]
                     block, item = block + 1, 0
                 shard_i, block, item = shard_i + 1, 0, 0
-            if whole_epoch and not seen_in_epoch:
-                raise DataError(f"no documents with text for rank {self.rank} of {self.world} in "
-                                f"{self.source.description}")
+            if whole_epoch:
+                empty_epochs = 0 if seen_in_epoch else empty_epochs + 1
+                # shards holding part of a source (max_tokens) may leave a rank nothing in an epoch
+                if empty_epochs and (not getattr(self.source, "partial", False) or empty_epochs >= 100):
+                    raise DataError(f"no documents with text for rank {self.rank} of {self.world} in "
+                                    f"{self.source.description}")
             epoch, shard_i, block, item = epoch + 1, 0, 0, 0
 
     # -- rows -------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Reads the configured source (``data=c4`` streamed from the hub, ``data=jsonl``, ``data=embedded``)
 through the stream's own :class:`~lrpretrain.data.sources.DocumentSource` and tokenizes with the
 run's tokenizer (:class:`~lrpretrain.data.tokenizer.TokenizerInfo`, as the stream does), one token
-shard per source shard, documents in file order, into the format of :mod:`lrpretrain.data.shards`.
+shard per source shard (same index), documents in file order, into the format of
+:mod:`lrpretrain.data.shards`.
 
 Parallel: ``num_proc`` processes (default: every core) tokenize different shards; each has
 ``cores / num_proc`` threads for the tokenizer's own batch parallelism (all of them when a single
@@ -19,10 +20,14 @@ bytes. A directory holding another preparation (other source, tokenizer or budge
 Budgets. ``max_tokens`` stops the train split early, counted as the run consumes tokens: rows x
 ``data.seq_len`` in ``data.mode`` (truncate: one row per non-empty document; pack: document tokens
 + EOS), so ``trainer.max_steps x trainer.batch_size x data.seq_len`` is one epoch of the result (the
-60M C4 protocol: 10000 x 512 x 256 = 1,310,720,000). Shards are taken in file order; the one where
-the budget is reached keeps its documents up to and including the one that reaches it.
-``val_max_tokens`` does the same for the validation split, counted as ``data.val_tokens`` counts
-(non-pad tokens). Without them, the whole split.
+60M C4 protocol: 10000 x 512 x 256 = 1,310,720,000). The documents are the ones the stream reads
+first: whole shards in the stream's epoch-0 order for ``data.seed``, the last one up to the end of
+the block of ``data.shuffle_block`` documents where the budget is reached. The other shards are left
+out, not renumbered, so ``data=shards`` reads what the source on the fly would have read in that
+epoch, row for row (with ``distributed.data=global``, the default; ``sharded`` ranks read the held
+shards of their share). ``val_max_tokens`` does the same for the validation split in file order
+(its reading order), counted as ``data.val_tokens`` counts (non-pad tokens). Without them, the
+whole split.
 
 Why not ``datasets.map(num_proc=...)``: it needs a map-style dataset (C4 would be downloaded whole,
 ~300 GB for ``en``) and writes Arrow, not memory-mappable token arrays with document offsets; a shard
@@ -52,6 +57,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from lrpretrain.config import SHARDS_MANIFEST, DataConfig
+from lrpretrain.data.pipeline import shard_order
 from lrpretrain.data.shards import (
     FORMAT,
     OFFSETS_DTYPE,
@@ -103,13 +109,13 @@ class _Worker:
     """What a tokenizing worker needs; one per process (set by the pool's initializer) or the thread."""
 
     def __init__(self, cfg: dict[str, Any], tokenizer_json: str, eos_id: int, pad_id: int, root: str, dtype: str,
-                 counters: list[Any], limits: list[Any], ppid: int | None):
+                 counters: list[Any], cancel: list[Any], ppid: int | None):
         self.cfg = DataConfig(**cfg)
         self.tok = TokenizerInfo(Tokenizer.from_str(tokenizer_json), "pretokenize", eos_id, pad_id, 0)
         self.root, self.dtype = Path(root), np.dtype(dtype)
         # per split: tokens, documents and budget units done of each shard (one writer each: no locks),
-        # and the index past which shards are cancelled
-        self.counters, self.limits, self.ppid = counters, limits, ppid
+        # and a flag per shard that cancels it
+        self.counters, self.cancel, self.ppid = counters, cancel, ppid
         self.sources: dict[str, DocumentSource] = {}
         fault = os.environ.get(FAULT_ENV, "")
         self.fault = (fault.split(":")[0], int(fault.split(":")[1]), int(fault.split(":")[2])) if fault else None
@@ -122,7 +128,7 @@ class _Worker:
     def cancelled(self, split: str, index: int) -> bool:
         if self.ppid is not None and os.getppid() != self.ppid:  # the driver died: stop, commit nothing
             os._exit(1)
-        return index > self.limits[SPLITS.index(split)].value
+        return bool(self.cancel[SPLITS.index(split)][index])
 
     def die(self) -> None:
         """Fault injection: the whole preparation is SIGKILLed (driver and workers), mid-shard."""
@@ -130,28 +136,31 @@ class _Worker:
             os.kill(self.ppid, signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    def shard(self, split: str, index: int, stop_after: int | None) -> dict[str, Any] | None:
-        """Tokenize shard ``index`` of ``split`` (up to the document that reaches ``stop_after`` budget
-        units, if given) and commit it; None if cancelled."""
+    def shard(self, split: str, index: int, stop_after: int | None, block: int) -> dict[str, Any] | None:
+        """Tokenize shard ``index`` of ``split`` and commit it; None if cancelled. Given ``stop_after``
+        budget units, stop with the document that reaches them, or at the end of its block of ``block``
+        documents (the stream reads a block whole)."""
         tokens_path, offsets_path, record_path = shard_files(self.root, split, index)
         tmp_t = tokens_path.with_name(f".{tokens_path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         tmp_o = offsets_path.with_name(f".{offsets_path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         mode, L = self.cfg.mode, self.cfg.seq_len
         src = self.source(split)
         offsets, n_tok, units, max_id, crc, complete = [0], 0, 0, -1, 0, True
+        target: int | None = None  # documents to keep, once the budget is reached
         counter = self.counters[SPLITS.index(split)]
         try:
             with guarded_write(tmp_t), open(tmp_t, "wb") as f:
                 texts = src.iter_shard(index)
-                while chunk := [t for _, t in zip(range(CHUNK_DOCS), texts)]:
-                    ids = self.tok.encode(chunk)
+                while read := [t for _, t in zip(range(CHUNK_DOCS), texts)]:
+                    docs = len(offsets) - 1
+                    ids = self.tok.encode(read if target is None else read[: target - docs])
                     lens = np.fromiter(map(len, ids), np.int64, len(ids))
                     cum = units + np.cumsum(budget_units(lens, split, mode, L))
-                    if stop_after is not None:
+                    if stop_after is not None and target is None:
                         hit = int(np.searchsorted(cum, stop_after, side="left"))
-                        if hit < len(ids):  # this document reaches the budget: the shard ends with it
-                            complete = hit == len(ids) - 1 and next(texts, None) is None
-                            ids, lens = ids[: hit + 1], lens[: hit + 1]
+                        if hit < len(ids):  # this document reaches the budget
+                            target = -(-(docs + hit + 1) // block) * block
+                            ids, lens = ids[: target - docs], lens[: target - docs]
                     units = int(cum[len(ids) - 1]) if len(ids) else units
                     flat = np.fromiter(chain.from_iterable(ids), self.dtype, int(lens.sum()))
                     data = flat.tobytes()
@@ -167,7 +176,8 @@ class _Worker:
                         self.die()
                     if self.cancelled(split, index):
                         raise _Cancelled
-                    if not complete:
+                    if target is not None and len(offsets) - 1 >= target:
+                        complete = len(ids) == len(read) and next(texts, None) is None  # nothing left out
                         break
                 f.flush()
                 os.fsync(f.fileno())
@@ -213,9 +223,9 @@ def _init_process(args: tuple, threads: int) -> None:
     _WORKER = _Worker(*args, ppid=os.getppid())
 
 
-def _run_shard(split: str, index: int, stop_after: int | None) -> dict[str, Any] | None:
+def _run_shard(split: str, index: int, stop_after: int | None, block: int) -> dict[str, Any] | None:
     assert _WORKER is not None
-    return _WORKER.shard(split, index, stop_after)
+    return _WORKER.shard(split, index, stop_after, block)
 
 
 # ---------------------------------------------------------------------------------------------- driver side
@@ -260,15 +270,18 @@ class _Progress:
             self.bar.update(tokens - self.bar.n)
             if f:
                 self.bar.total = int(tokens / f)
-            self.bar.set_postfix_str(f"{len(self.done)}/{len(self.todo)} shards", refresh=False)
+            self.bar.set_postfix_str(self._shards(), refresh=False)
             self.bar.refresh()
             return
         if self.style != "lines" or (not force and now - self.last < 5.0) or self.printed == tokens:
             return
         self.last, self.printed = now, tokens
         eta = f"{_fmt_time(elapsed * (1 - f) / f)}" if f else "?"
-        print(f"pretokenize {self.split}: {len(self.done)}/{len(self.todo)} shards | {_count(tokens)} tokens | "
+        print(f"pretokenize {self.split}: {self._shards()} | {_count(tokens)} tokens | "
               f"{_count(tokens / max(elapsed, 1e-9))} tok/s | eta {eta}", file=sys.stderr, flush=True)
+
+    def _shards(self) -> str:
+        return f"{len(self.done)} shards" if self.budget is not None else f"{len(self.done)}/{len(self.todo)} shards"
 
     def close(self) -> None:
         if self.bar is not None:
@@ -328,8 +341,10 @@ class Pretokenizer:
             if cfg.source == "hf":
                 src["splits"][split]["hf_split"] = cfg.train_split if split == "train" else cfg.val_split
         budget = {"max_tokens": self.opts.max_tokens, "val_max_tokens": self.opts.val_max_tokens}
-        if self.opts.max_tokens or self.opts.val_max_tokens:
+        if self.opts.max_tokens or self.opts.val_max_tokens:  # what the budget counts
             budget.update(mode=cfg.mode, seq_len=cfg.seq_len)
+        if self.opts.max_tokens:  # the order it takes the documents in
+            budget.update(seed=cfg.seed, shuffle_block=cfg.shuffle_block)
         t = self.tok
         return {"format": FORMAT, "version": VERSION, "source": src, "dtype": self.dtype.name, "budget": budget,
                 "tokenizer": {"name": t.name, "sha256": t.sha256, "eos_token": cfg.eos_token, "eos_id": t.eos_id,
@@ -414,9 +429,19 @@ class Pretokenizer:
             return None
 
     # -- one split ----------------------------------------------------------------------------------
-    def _split(self, split: str, run: Callable[..., cf.Future], limit: Any, counts: np.ndarray) -> list[dict[str, Any]]:
+    def _order(self, split: str) -> tuple[list[int], int]:
+        """The order in which a budget takes the split's shards, and the block it cuts at: train in the
+        stream's own order (epoch 0 of data.seed, whole blocks of data.shuffle_block documents), so that
+        the shards hold exactly what a run reads first; validation in file order, as it is read."""
+        n = self.sources[split].n_shards
+        if split == "train" and self.budgets[split] is not None:
+            return shard_order(n, self.cfg.seed, 0), self.cfg.shuffle_block
+        return list(range(n)), 1
+
+    def _split(self, split: str, run: Callable[..., cf.Future], cancel: Any, counts: np.ndarray) -> list[dict[str, Any]]:
         src, budget = self.sources[split], self.budgets[split]
         n = src.n_shards
+        order, block = self._order(split)
         records: dict[int, dict[str, Any]] = {}
         for i in range(n):
             if (rec := self._existing(split, i)) is not None:
@@ -430,17 +455,17 @@ class Pretokenizer:
             self.log(f"pretokenize {split}: {kept} of {n} shards already written and verified")
         futures: dict[cf.Future, int] = {}
         final: list[dict[str, Any]] = []
-        j = nxt = prefix = 0  # next shard to finalize, next to consider submitting, budget units before j
+        j = nxt = prefix = 0  # in `order`: next shard to finalize, next to consider submitting; budget units before j
         cut: int | None = None
         try:
             while cut is None and j < n:
-                while j < n and j in records and cut is None:  # finalize in order
-                    rec = records[j]
+                while j < n and order[j] in records and cut is None:  # finalize in order
+                    rec = records[order[j]]
                     if budget is not None and not rec["complete"] and self._units(split, rec) < budget - prefix:
-                        del records[j]  # a part of a shard that is not enough (cannot happen: bounds only shrink)
+                        del records[order[j]]  # a part of a shard that is not enough (cannot happen: bounds only shrink)
                         continue
                     if budget is not None and self._units(split, rec) >= budget - prefix:
-                        rec, cut = self._cut(split, rec, budget - prefix), j
+                        rec, cut = self._cut(split, rec, budget - prefix, block), j
                     prefix += self._units(split, rec) if budget is not None else 0
                     final.append(rec)
                     j += 1
@@ -448,16 +473,18 @@ class Pretokenizer:
                     break
                 nxt = max(nxt, j)
                 while len(futures) < self.workers and nxt < n:
-                    if nxt not in records and nxt not in futures.values():
+                    i = order[nxt]
+                    if i not in records and i not in futures.values():
                         stop = None
                         if budget is not None:  # an upper bound of what this shard can still need
-                            stop = budget - prefix - sum(self._units(split, records[k]) for k in range(j, nxt) if k in records)
+                            stop = budget - prefix - sum(self._units(split, records[order[k]]) for k in range(j, nxt)
+                                                         if order[k] in records)
                             if stop <= 0:
                                 break
-                        futures[run(split, nxt, stop)] = nxt
+                        futures[run(split, i, stop, block)] = i
                     nxt += 1
-                if not futures and j not in records:
-                    raise AssertionError(f"pretokenize: shard {j} of {split} was never submitted")
+                if not futures and order[j] not in records:
+                    raise AssertionError(f"pretokenize: shard {order[j]} of {split} was never submitted")
                 done, _ = cf.wait(list(futures), timeout=0.25, return_when=cf.FIRST_COMPLETED)
                 for fut in done:
                     i = futures.pop(fut)
@@ -467,19 +494,20 @@ class Pretokenizer:
                         progress.shard_done(i, rec)
                 progress.show()
         finally:
-            limit.value = cut if cut is not None else (n if j == n else -1)  # in-flight shards past it stop
+            for i in order[len(final):]:  # in-flight shards past the cut (or all, after an error) stop
+                cancel[i] = 1
             for fut in futures:
                 fut.cancel()
             cf.wait(list(futures))
             progress.show(force=True)
             progress.close()
-        for i in range(len(final), n):  # shards past the budget (this run's or an earlier one's): not part of it
+        for i in order[len(final):]:  # shards past the budget (this run's or an earlier one's): not part of it
             for p in shard_files(self.root, split, i):
                 p.unlink(missing_ok=True)
         if budget is not None and cut is None:
             self.log(f"pretokenize {split}: the source holds {prefix:,} budget tokens, fewer than "
                      f"{'max_tokens' if split == 'train' else 'val_max_tokens'}={budget:,}: all of it was prepared")
-        return final
+        return sorted(final, key=lambda r: r["index"])
 
     def _units(self, split: str, rec: dict[str, Any]) -> int:
         if "units" not in rec:
@@ -489,10 +517,12 @@ class Pretokenizer:
     def _lengths(self, split: str, rec: dict[str, Any]) -> np.ndarray:
         return np.diff(np.fromfile(shard_files(self.root, split, rec["index"])[1], dtype=OFFSETS_DTYPE))
 
-    def _cut(self, split: str, rec: dict[str, Any], need: int) -> dict[str, Any]:
-        """The shard where the budget is reached: its documents up to the one reaching ``need`` units."""
+    def _cut(self, split: str, rec: dict[str, Any], need: int, block: int) -> dict[str, Any]:
+        """The shard where the budget is reached: its documents up to the one reaching ``need`` units, or
+        to the end of that one's block of ``block`` documents."""
         lens = self._lengths(split, rec)
         keep = int(np.searchsorted(np.cumsum(budget_units(lens, split, self.cfg.mode, self.cfg.seq_len)), need)) + 1
+        keep = -(-keep // block) * block
         if keep >= rec["docs"]:
             return rec
         tokens_path, offsets_path, record_path = shard_files(self.root, split, rec["index"])
@@ -529,25 +559,25 @@ class Pretokenizer:
             args = (asdict(self.cfg), self.tok.tokenizer.to_str(), self.tok.eos_id, self.tok.pad_id, str(self.root),
                     self.dtype.name)
             splits: dict[str, list[dict[str, Any]]] = {}
-            sizes = [3 * max(1, self.sources[s].n_shards if s in self.sources else 0) for s in SPLITS]
+            sizes = [max(1, self.sources[s].n_shards if s in self.sources else 0) for s in SPLITS]
             if self.workers == 1:  # in this process: a thread, so that progress and Ctrl-C stay here
-                counters: list[Any] = [np.zeros(n, np.int64) for n in sizes]
-                limits: list[Any] = [_Limit() for _ in SPLITS]
-                worker = _Worker(*args, counters=counters, limits=limits, ppid=None)
+                counters: list[Any] = [np.zeros(3 * n, np.int64) for n in sizes]
+                cancel: list[Any] = [np.zeros(n, np.int8) for n in sizes]
+                worker = _Worker(*args, counters=counters, cancel=cancel, ppid=None)
                 pool: cf.Executor = cf.ThreadPoolExecutor(1)
                 submit: Callable[..., cf.Future] = lambda *a: pool.submit(worker.shard, *a)  # noqa: E731
             else:
                 ctx = mp.get_context("spawn")  # no fork of a process holding threads and the tokenizer's pool
-                counters = [ctx.RawArray("q", n) for n in sizes]  # shared memory, no locks or semaphores
-                limits = [ctx.RawValue("q", 1 << 62) for _ in SPLITS]
+                counters = [ctx.RawArray("q", 3 * n) for n in sizes]  # shared memory, no locks or semaphores
+                cancel = [ctx.RawArray("b", n) for n in sizes]
                 threads = max(1, _cores() // self.workers)
                 pool = cf.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_process,
-                                              initargs=((*args, counters, limits), threads))
+                                              initargs=((*args, counters, cancel), threads))
                 submit = lambda *a: pool.submit(_run_shard, *a)  # noqa: E731
             with pool:
                 for split in self.sources:
                     k = SPLITS.index(split)
-                    splits[split] = self._split(split, submit, limits[k], np.frombuffer(counters[k], np.int64))
+                    splits[split] = self._split(split, submit, cancel[k], np.frombuffer(counters[k], np.int64))
             manifest = self._manifest(splits)
             atomic_write_text(self.root / SHARDS_MANIFEST, canonical_json(manifest))
             fsync_dir(self.root)
@@ -575,12 +605,6 @@ class Pretokenizer:
         self.log(f"wrote {self.opts.out}: {'; '.join(parts)}; {m['dtype']}, {size / 2**20:,.1f} MiB of shards "
                  f"({size / max(1, sum(s['tokens'] for s in m['splits'].values())):.2f} bytes/token); {seconds:.1f} s")
         self.log(f"train with: data=shards data.path={self.opts.out}")
-
-
-class _Limit:
-    """The in-process stand-in for a shared ``multiprocessing.Value``."""
-
-    value = 1 << 62
 
 
 def _load_json(path: Path) -> dict[str, Any]:

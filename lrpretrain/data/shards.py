@@ -138,35 +138,42 @@ class _Block:
 class ShardSplit:
     """One split of a token-shard directory, for :class:`~lrpretrain.data.TokenStream` and
     :class:`~lrpretrain.data.ValidationSet` (the interface of the on-the-fly source): ``n_shards``,
-    ``description``, ``blocks(shard, first_block, size)``."""
+    ``description``, ``blocks(shard, first_block, size)``.
+
+    Shards are numbered as the source's: with ``max_tokens`` the directory holds some of them (those the
+    stream reads first) and the others read as empty, so that the order rules, the rank split and the
+    positions are the source's."""
 
     def __init__(self, cfg: DataConfig, tok: TokenizerInfo, split: str, manifest: dict[str, Any] | None = None):
         m = read_manifest(cfg.path) if manifest is None else manifest
         check_tokenizer(m, tok, cfg)
         self.root, self.split, self.verify = Path(cfg.path).expanduser(), split, cfg.verify
         self.dtype = np.dtype(m["dtype"])
-        self.records: list[dict[str, Any]] = m["splits"].get(split, {}).get("shards", [])
-        self.n_shards = len(self.records)
-        self.docs = sum(r["docs"] for r in self.records)
-        self.tokens = sum(r["tokens"] for r in self.records)
-        if self.n_shards == 0:
+        info = m["splits"].get(split, {})
+        self.records: dict[int, dict[str, Any]] = {r["index"]: r for r in info.get("shards", [])}
+        if not self.records:
             raise DataError(f"the token shards in {cfg.path} have no {split} split")
-        for rec in self.records:
+        self.n_shards = info["source_shards"]
+        self.partial = not info["whole"]
+        self.docs = sum(r["docs"] for r in self.records.values())
+        self.tokens = sum(r["tokens"] for r in self.records.values())
+        if not any(r["nonempty_docs"] for r in self.records.values()):
+            raise DataError(f"no documents with text in the {split} shards in {cfg.path}")
+        for rec in self.records.values():
             check_files(self.root, split, rec, self.dtype)
         if self.verify == "full":
-            for rec in self.records:
+            for rec in self.records.values():
                 check_crc(self.root, split, rec)
-        self.description = f"{cfg.path} ({split}: {self.n_shards} token shards, {self.docs:,} documents, {self.tokens:,} tokens)"
+        held = f"{len(self.records)} of {self.n_shards}" if self.partial else f"{self.n_shards}"
+        self.description = (f"{cfg.path} ({split}: {held} token shards, {self.docs:,} documents, "
+                            f"{self.tokens:,} tokens)")
         self._mapped: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def shard_name(self, shard: int) -> str:
-        return str(shard_files(self.root, self.split, self.records[shard]["index"])[0])
 
     def mapped(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, offsets) of ``shard``, memory-mapped on first use (and then checked per data.verify)."""
         if shard not in self._mapped:
             rec = self.records[shard]
-            tokens_path, offsets_path, _ = shard_files(self.root, self.split, rec["index"])
+            tokens_path, offsets_path, _ = shard_files(self.root, self.split, shard)
             if self.verify == "lazy":
                 check_crc(self.root, self.split, rec)
             offsets = np.asarray(np.memmap(offsets_path, dtype=OFFSETS_DTYPE, mode="r"))
@@ -177,7 +184,10 @@ class ShardSplit:
         return self._mapped[shard]
 
     def blocks(self, shard: int, first_block: int, size: int) -> Iterator[_Block]:
-        """The shard's documents ``size`` at a time, from block ``first_block`` on: O(1) to start anywhere."""
+        """The shard's documents ``size`` at a time, from block ``first_block`` on: O(1) to start anywhere.
+        A source shard that the directory does not hold (past ``max_tokens``) has none."""
+        if shard not in self.records:
+            return
         tokens, offsets = self.mapped(shard)
         n = len(offsets) - 1
         for lo in range(first_block * size, n, size):
