@@ -256,11 +256,12 @@ def test_resume_is_exact_and_reads_only_the_current_shard(c4, c4_shards, tok, mo
 @pytest.mark.slow
 def test_sigkill_resume_from_shards_is_the_on_the_fly_run(tmp_path, emb_shards):
     """Through the CLI: a run on data=shards, SIGKILLed and resumed, reproduces bit for bit the losses
-    of an uninterrupted run reading the same corpus on the fly (data=embedded)."""
+    of an uninterrupted run reading the same corpus on the fly (data=embedded); and a checkpoint of the
+    on-the-fly run continues on the shards (a switch at a resume) as it would have on the fly."""
     from lrpretrain.cli.main import main
 
     args = [*TINY, "trainer.threads=1", "trainer.batch_size=8", "trainer.micro_batch_size=4", "trainer.max_steps=14",
-            "trainer.ckpt_every=4", "trainer.eval_every=7"]
+            "trainer.ckpt_every=4", "trainer.keep_last=4", "trainer.eval_every=7"]
     ref = tmp_path / "ref"
     assert main(["train", *args, "data=embedded", f"run.dir={ref}"]) == 0
     run = tmp_path / "run"
@@ -273,11 +274,16 @@ def test_sigkill_resume_from_shards_is_the_on_the_fly_run(tmp_path, emb_shards):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert (run / "checkpoints" / "latest").read_text().strip() in ("step_4", "step_8")
+    assert proc.returncode == -signal.SIGKILL
+    assert (run / "checkpoints" / "latest").read_text().strip() != "step_14"
     assert main(shard_args) == 0
     assert losses(run) == losses(ref) and len(losses(ref)) == 14
     vals = lambda d: [(r["step"], r["val_loss"]) for r in read_metrics(d) if "val_loss" in r]  # noqa: E731
     assert vals(run) == vals(ref)
+    switched = tmp_path / "switched"
+    assert main(["train", *args, "data=shards", f"data.path={emb_shards}", f"run.dir={switched}",
+                 f"trainer.resume={ref / 'checkpoints' / 'step_8'}"]) == 0
+    assert losses(switched) == {k: v for k, v in losses(ref).items() if k > 8}
 
 
 # ---------------------------------------------------------------------------------------------- budgets
