@@ -2,9 +2,10 @@
 
     python benchmarks/data_rate.py --name data_rate_cpu
 
-Rows, each in its own process (tokenizer thread pools are per process), through the trainer's own
-:class:`~lrpretrain.data.TokenStream` (prefetch thread, vocabulary check, collate) with
-``micro_batch_size x seq_len`` rows, after one untimed batch:
+Rows, each in its own process (tokenizer thread pools are per process), measured by the GPU suite's
+data row (``gpu_suite.child_data``: the trainer's own :class:`~lrpretrain.data.TokenStream` with its
+prefetch thread, vocabulary check and collate, ``micro_batch_size x seq_len`` rows, after one untimed
+batch):
 
 - ``embedded`` / ``jsonl`` on the fly, ``pack`` and ``truncate``, the tokenizer on one thread
   (``TOKENIZERS_PARALLELISM=false``) and on every core (its own batch parallelism: what the stream
@@ -33,7 +34,9 @@ import time
 import zlib
 from pathlib import Path
 
+import gpu_suite  # benchmarks/ is this script's directory
 import numpy as np
+import train_throughput
 
 RESULTS = Path(__file__).parent / "results"
 WORDS = ("the of and to in is was for on that with as by at from his her they this which be or an had are not but "
@@ -46,37 +49,7 @@ WORDS = ("the of and to in is was for on that with as by at from his her they th
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-            "load_average": os.getloadavg()}
-
-
-# ---------------------------------------------------------------------------------------------- child
-def child(out: Path, seconds: float, overrides: list[str]) -> None:
-    from lrpretrain.data import TokenStream, load_tokenizer
-    from lrpretrain.train import load_config
-
-    cfg, _ = load_config(overrides)
-    tok = load_tokenizer(cfg.data.tokenizer, cfg.data.eos_token, cfg.data.pad_token)
-    stream = TokenStream(cfg.data, tok, cfg.trainer.micro_batch_size, vocab_size=cfg.model.vocab_size)
-    try:
-        next(stream)  # start-up (opening the source, the first block, the prefetch thread) is not timed
-        positions = tokens = batches = 0
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            b = next(stream)
-            positions += b.input_ids.numel()
-            tokens += b.tokens
-            batches += 1
-        dt = time.perf_counter() - t0
-    finally:
-        stream.close()
-    out.write_text(json.dumps({"batches": batches, "seconds": dt, "tokens_per_s": tokens / dt,
-                               "positions_per_s": positions / dt}) + "\n")
+    return {**train_throughput.machine(), "platform": platform.platform(), "load_average": os.getloadavg()}
 
 
 def run_child(overrides: list[str], seconds: float, threads: bool) -> dict:
@@ -183,7 +156,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     if args.child:
-        return child(args.json, args.seconds, args.overrides)
+        return gpu_suite.child_data(args.json, args.seconds, args.overrides)  # the GPU suite's data row, exactly
 
     os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     from lrpretrain.data_recipes import embedded
