@@ -163,6 +163,23 @@ def test_shards_hold_each_document_in_file_order(c4, c4_shards, tok):
     verify_directory(str(c4_shards), log=quiet)
 
 
+def test_the_hub_code_path(cli, c4, c4_shards, tok, tmp_path):
+    """data=c4 streams with `load_dataset(hf_path, hf_name, streaming=True)`; a local directory of C4-named
+    files takes that code path offline. Same token files as through data=jsonl, same rows as on the fly."""
+    out = tmp_path / "hub"
+    root = Path(c4["train"][0]).parent
+    r = cli("prepare-data", "pretokenize", "data=c4", f"data.hf_path={root}", "data.hf_name=null",
+            "data.tokenizer=embedded", f"out={out}", "num_proc=1", "progress=lines")
+    assert r.code == 0, r.err
+    assert "pretokenize train: 5/5 shards" in r.err and f"train with: data=shards data.path={out}" in r.err
+    assert {k: v for k, v in files_of(out).items() if k.endswith((".tokens", ".offsets"))} == {
+        k: v for k, v in files_of(c4_shards).items() if k.endswith((".tokens", ".offsets"))}
+    text_cfg = DataConfig(name="c4", source="hf", hf_path=str(root), hf_name=None, tokenizer="embedded", seq_len=32,
+                          shuffle_block=8, mode="truncate", val_tokens=300)
+    same_batches(take(TokenStream(text_cfg, tok, 2, 1, 2), 20), take(TokenStream(shards_cfg(out, text_cfg), tok, 2, 1, 2), 20))
+    assert torch.equal(ValidationSet(text_cfg, tok).input_ids, ValidationSet(shards_cfg(out, text_cfg), tok).input_ids)
+
+
 def test_embedded_corpus_in_shards(emb_shards, corpus):
     m = json.loads((emb_shards / "manifest.json").read_text())
     emb = json.loads((corpus / "manifest.json").read_text())

@@ -374,7 +374,7 @@ class Pretokenizer:
                             "or choose another out=") from None
         try:
             if plan_path.exists():
-                diff = _first_difference(_load_json(plan_path), self.plan)
+                diff = _first_difference(_identity(_load_json(plan_path)), _identity(self.plan))
                 if diff is not None:
                     raise UserError(f"out={self.opts.out} holds shards of another preparation ({diff}); choose "
                                     "another out= or delete that directory")
@@ -582,8 +582,7 @@ class Pretokenizer:
             atomic_write_text(self.root / SHARDS_MANIFEST, canonical_json(manifest))
             fsync_dir(self.root)
         finally:
-            (self.root / ".lock").unlink(missing_ok=True)
-            lock.close()
+            lock.close()  # the file stays: removing it would let two later preparers lock different files
         self._summary(manifest, time.monotonic() - t0)
         return manifest
 
@@ -614,6 +613,12 @@ def _load_json(path: Path) -> dict[str, Any]:
         return out
     except (OSError, ValueError, AssertionError) as e:
         raise DataError(f"{path} is unreadable ({type(e).__name__})") from e
+
+
+def _identity(plan: dict[str, Any]) -> dict[str, Any]:
+    """What must match for a rerun to continue a directory: all of the plan but the tokenizer's name
+    (its hash identifies it: t5-base from the hub and a copy of its tokenizer.json are the same)."""
+    return {**plan, "tokenizer": {k: v for k, v in plan.get("tokenizer", {}).items() if k != "name"}}
 
 
 def _first_difference(old: Any, new: Any, key: str = "") -> str | None:
