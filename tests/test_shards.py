@@ -180,6 +180,26 @@ def test_the_hub_code_path(cli, c4, c4_shards, tok, tmp_path):
     assert torch.equal(ValidationSet(text_cfg, tok).input_ids, ValidationSet(shards_cfg(out, text_cfg), tok).input_ids)
 
 
+def test_a_vocabulary_past_uint16_is_stored_as_uint32(tmp_path, tok):
+    """A word-level tokenizer of 70,000 ids (not a BPE): ids above 65,535 survive the round trip."""
+    from tokenizers import models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, 70_000)}}
+    big = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    big.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok_path = tmp_path / "wordlevel.json"
+    big.save(str(tok_path))
+    rng = random.Random(3)
+    files = [str(write_c4(tmp_path / f"big-{i}.jsonl", [" ".join(f"w{rng.randrange(3, 70_000)}" for _ in range(rng.randint(0, 30)))
+                                                          for _ in range(25)])) for i in range(3)]
+    cfg = DataConfig(name="jsonl", source="jsonl", files=files, tokenizer=str(tok_path), seq_len=16, shuffle_block=4,
+                     mode="pack")
+    m = pretokenize(cfg, Options(out=tmp_path / "shards", num_proc=1, progress="none"), quiet)
+    assert m["dtype"] == "uint32" and max(r["max_id"] for r in m["splits"]["train"]["shards"]) >= 1 << 16
+    wl = load_tokenizer(str(tok_path), "</s>", "<pad>")
+    same_batches(take(TokenStream(cfg, wl, 3), 25), take(TokenStream(shards_cfg(tmp_path / "shards", cfg), wl, 3), 25))
+
+
 def test_embedded_corpus_in_shards(emb_shards, corpus):
     m = json.loads((emb_shards / "manifest.json").read_text())
     emb = json.loads((corpus / "manifest.json").read_text())
