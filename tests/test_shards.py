@@ -507,12 +507,39 @@ def test_tokenizer_and_special_token_mismatch(cli, tmp_path, emb_shards, corpus)
     ShardSplit(cfg, load_tokenizer(str(same), "</s>", "<pad>"), "train")
 
 
-def test_other_format_version(cli, tmp_path, emb_shards):
+def test_other_format_version_and_malformed_manifests(cli, tmp_path, emb_shards, tok):
     bad = _damaged(emb_shards, tmp_path)
     m = json.loads((bad / "manifest.json").read_text())
     (bad / "manifest.json").write_text(json.dumps({**m, "version": 99}))
     one_line(_train(cli, tmp_path, "data=shards", f"data.path={bad}"),
              "holds lrpretrain-token-shards version 99; this lrpretrain reads lrpretrain-token-shards version 1")
+    cfg = shards_cfg(bad, DataConfig(name="x", seq_len=64, shuffle_block=256))
+    for broken in ({**m, "splits": {"train": {**m["splits"]["train"], "shards": [{"index": 0}]}}},
+                   {**m, "tokenizer": {"name": "x"}}, {**m, "dtype": "float77"}):
+        (bad / "manifest.json").write_text(json.dumps(broken))
+        with pytest.raises(DataError, match=f"{bad / 'manifest.json'} is malformed"):
+            TokenStream(cfg, tok, 2)
+    (bad / "manifest.json").write_text("{not json")
+    one_line(_train(cli, tmp_path, "data=shards", f"data.path={bad}", "data.mode=pack", "data.shuffle_block=8",
+                    "data.seed=0", "data.val_tokens=100", "data.eos_token='</s>'", "data.pad_token='<pad>'"),
+             f"{bad / 'manifest.json'} is not a token-shard manifest (JSONDecodeError)")
+
+
+def test_unreadable_shard_file(emb_shards, tok, monkeypatch):
+    """A read refused by the OS (permissions; tests run as root here, so it is injected) is one line."""
+    import lrpretrain.data.shards as shards
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    split = ShardSplit(shards_cfg(emb_shards, DataConfig(name="x", seq_len=64, shuffle_block=256)), tok, "train")
+    monkeypatch.setattr(shards, "crc32", refused)
+    with pytest.raises(DataError, match=r"cannot read token shard file .*00003.tokens: Permission denied"):
+        split.mapped(3)
+    monkeypatch.setattr(shards.np, "memmap", lambda path, **kw: refused(path))
+    split.verify = "size"
+    with pytest.raises(DataError, match=r"cannot read token shard file .*00004.offsets: Permission denied"):
+        split.mapped(4)
 
 
 def test_bad_pretokenize_arguments(cli, tmp_path, c4, c4_shards):

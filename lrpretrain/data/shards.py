@@ -84,7 +84,10 @@ def check_crc(root: Path, split: str, rec: dict[str, Any]) -> None:
     """The CRC-32 of both files of a shard match its record, or one DataError line."""
     tokens, offsets, _ = shard_files(root, split, rec["index"])
     for path, want in ((tokens, rec["crc32"]["tokens"]), (offsets, rec["crc32"]["offsets"])):
-        have = crc32(path)
+        try:
+            have = crc32(path)
+        except OSError as e:
+            raise DataError(f"cannot read token shard file {path}: {e.strerror or e}") from e
         if have != want:
             raise DataError(f"checksum mismatch in token shard file {path} (crc32 {have:08x}, its manifest says "
                             f"{want:08x}): the file is corrupt; prepare the shards again (rerunning the same "
@@ -103,6 +106,17 @@ def read_manifest(path: str) -> dict[str, Any]:
     if m.get("format") != FORMAT or m.get("version") != VERSION:
         raise DataError(f"{path} holds {m.get('format')} version {m.get('version')}; this lrpretrain reads "
                         f"{FORMAT} version {VERSION}: prepare the shards again")
+    try:  # every field the reader uses, with its type
+        np.dtype(m["dtype"])
+        assert all(isinstance(m["tokenizer"][k], t) for k, t in (("sha256", str), ("eos_id", int), ("pad_id", int)))
+        for info in m["splits"].values():
+            assert isinstance(info["source_shards"], int) and isinstance(info["whole"], bool)
+            for r in info["shards"]:
+                assert all(isinstance(r[k], int) for k in ("index", "docs", "nonempty_docs", "tokens"))
+                assert isinstance(r["crc32"]["tokens"], int) and isinstance(r["crc32"]["offsets"], int)
+    except (KeyError, TypeError, ValueError, AssertionError, AttributeError) as e:
+        raise DataError(f"{Path(path) / 'manifest.json'} is malformed ({type(e).__name__}"
+                        f"{': ' + str(e) if isinstance(e, KeyError) else ''}); prepare the shards again") from e
     return m
 
 
@@ -174,11 +188,15 @@ class ShardSplit:
         if shard not in self._mapped:
             rec = self.records[shard]
             tokens_path, offsets_path, _ = shard_files(self.root, self.split, shard)
-            if self.verify == "lazy":
-                check_crc(self.root, self.split, rec)
-            offsets = np.asarray(np.memmap(offsets_path, dtype=OFFSETS_DTYPE, mode="r"))
-            tokens = (np.asarray(np.memmap(tokens_path, dtype=self.dtype, mode="r")) if rec["tokens"]
-                      else np.empty(0, self.dtype))  # mmap refuses an empty file
+            try:
+                if self.verify == "lazy":
+                    check_crc(self.root, self.split, rec)
+                offsets = np.asarray(np.memmap(offsets_path, dtype=OFFSETS_DTYPE, mode="r"))
+                tokens = (np.asarray(np.memmap(tokens_path, dtype=self.dtype, mode="r")) if rec["tokens"]
+                          else np.empty(0, self.dtype))  # mmap refuses an empty file
+            except OSError as e:
+                raise DataError(f"cannot read token shard file {e.filename or tokens_path}: "
+                                f"{e.strerror or e}") from e
             check_offsets(offsets_path, offsets, rec["tokens"])
             self._mapped[shard] = tokens, offsets
         return self._mapped[shard]
