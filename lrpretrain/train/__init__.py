@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lrpretrain import comm
 from lrpretrain.config import Config
-from lrpretrain.data import TokenStream, ValidationSet, load_tokenizer
+from lrpretrain.data import TokenStream, ValidationSet, has_validation, load_tokenizer
 from lrpretrain.distributed.strategy import Strategy, build_strategy
 from lrpretrain.errors import ConfigError
 from lrpretrain.methods import Method, get_method
@@ -87,7 +87,7 @@ def _build(cfg: Config, resolved: DictConfig, strategy: Strategy, device: torch.
     data = strategy.data_stream(lambda mb, rank, world: TokenStream(cfg.data, tokenizer, mb, rank, world,
                                                                     vocab_size=cfg.model.vocab_size),
                                 cfg.trainer.micro_batch_size)
-    val = ValidationSet(cfg.data, tokenizer, r, w) if cfg.data.val_tokens > 0 and _has_validation(cfg) else None
+    val = ValidationSet(cfg.data, tokenizer, r, w) if cfg.data.val_tokens > 0 and has_validation(cfg.data) else None
 
     # Model, method and optimizer before the run directory: a combination they refuse leaves nothing behind.
     plugin = get_method(cfg.method.name)(cfg.method, cfg.model)
@@ -108,7 +108,7 @@ def _build(cfg: Config, resolved: DictConfig, strategy: Strategy, device: torch.
     for m in [*notes, *logs]:
         logger.info(f"warning: {m}")
     if val is None:
-        logger.info("no validation data (data.val_files is empty or data.val_tokens=0): evaluation is off")
+        logger.info("no validation data (data.val_files is empty, no validation shards, or data.val_tokens=0): evaluation is off")
     elif val.short:
         logger.info(f"validation: {val.available_tokens} tokens available, fewer than data.val_tokens={cfg.data.val_tokens}")
     if val is not None and cfg.eval.protocol == "galore" and val.available_tokens <= cfg.eval.galore_tokens:
@@ -150,10 +150,6 @@ def _prepare_run_dir(run_dir: Path, resolved: DictConfig, cfg: Config) -> list[s
     logs: list[str] = []
     prepare_run_dir(run_dir, resolved, cfg.trainer.resume, cfg.run.overwrite, logs.append)
     return logs
-
-
-def _has_validation(cfg: Config) -> bool:
-    return cfg.data.source != "jsonl" or len(cfg.data.val_files) > 0
 
 
 def train(cfg: Config, resolved: DictConfig) -> dict[str, Any]:
