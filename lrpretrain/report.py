@@ -15,7 +15,7 @@ directory when PATH is one sweep, else ``./report``); only these files are repla
 One colour per method in every plot; several runs of one method differ by line style (or hatch).
 The figures are read from ``metrics.jsonl``: tokens/s over the logged steps after the first
 (warm-up), weighted by step time, as the sweep summary counts it; step time is their mean.
-matplotlib draws headless (Agg), imported on first use.
+matplotlib draws headless (the Agg canvas, without pyplot), imported on first use.
 """
 
 from __future__ import annotations
@@ -245,10 +245,20 @@ def downstream_table(reports: list[RunReport]) -> str:
 # -- the plots --------------------------------------------------------------------------------------------
 
 
+def _matplotlib():
+    """matplotlib and its Figure class (imported on first use, ~1 s). Figures are made without pyplot:
+    they render with the Agg canvas whatever backend the process has, and leave no global state."""
+    try:
+        import matplotlib
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise UserError(f"the report's plots need matplotlib ({e}): pip install matplotlib") from e
+    return matplotlib, Figure
+
+
 def method_colours(reports: list[RunReport]) -> dict[str, Any]:
     """One colour per method (sorted names), the same in every plot of the report."""
-    import matplotlib
-
+    matplotlib, _ = _matplotlib()
     methods = sorted({r.method or "?" for r in reports})
     cmap = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
     return {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
@@ -301,10 +311,7 @@ def _tokens_axis(ax) -> None:
 
 def plot_all(reports: list[RunReport], out: Path) -> list[str]:
     """Write the four PNGs into ``out``; returns their names."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    _, Figure = _matplotlib()
 
     colours = method_colours(reports)
     labels, variants = _labels(reports), _variants(reports)
@@ -312,14 +319,17 @@ def plot_all(reports: list[RunReport], out: Path) -> list[str]:
     names = [r.name for r in reports]
     written = []
 
+    def figure(height: float = 5.0):
+        fig = Figure(figsize=(8, height))
+        return fig, fig.subplots()
+
     def save(fig, name: str) -> None:
         fig.tight_layout()
         fig.savefig(out / name, dpi=120)
-        plt.close(fig)
         written.append(name)
 
     # validation perplexity vs tokens
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = figure()
     for r, lab, c, v in zip(reports, labels, colour, variants):
         if r.val:
             x, y = zip(*r.val)
@@ -332,7 +342,7 @@ def plot_all(reports: list[RunReport], out: Path) -> list[str]:
     save(fig, "val_ppl.png")
 
     # training loss vs tokens
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = figure()
     for r, lab, c, v in zip(reports, labels, colour, variants):
         if r.train:
             x, y = zip(*r.train)
@@ -346,7 +356,7 @@ def plot_all(reports: list[RunReport], out: Path) -> list[str]:
     save(fig, "train_loss.png")
 
     # tokens/s per run
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(reports)))
+    fig, ax = figure(1.2 + 0.45 * len(reports))
     ys = list(range(len(reports)))[::-1]
     vals = [r.tokens_per_s or 0.0 for r in reports]
     bars = ax.barh(ys, vals, color=colour, hatch=None)
@@ -363,7 +373,7 @@ def plot_all(reports: list[RunReport], out: Path) -> list[str]:
     save(fig, "throughput.png")
 
     # peak memory per run, estimate beside the measurement
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(reports)))
+    fig, ax = figure(1.2 + 0.6 * len(reports))
     h = 0.38
     gib = max([(r.peak_mem_mb or 0) for r in reports] + [(r.estimated_peak_mb or 0) for r in reports]) >= 2048
     unit, div = ("GiB", 1024.0) if gib else ("MiB", 1.0)
@@ -411,12 +421,12 @@ def write_report(runs: list[Path], out: Path, sources: list[Path] | None = None)
     with guarded_write(out, after="the report was not written"):
         plots = plot_all(reports, out)
     rel = os.path.relpath
-    md = [f"# Report: {len(reports)} run{'s' if len(reports) != 1 else ''}\n",
-          f"From: {', '.join(str(s) for s in (sources or runs))}; written {time.strftime('%Y-%m-%d %H:%M:%S')}.\n",
+    md = [f"# Report: {len(reports)} run{'s' if len(reports) != 1 else ''}\n\n",
+          f"From: {', '.join(str(s) for s in (sources or runs))}; written {time.strftime('%Y-%m-%d %H:%M:%S')}.\n\n",
           table(reports)]
     down = downstream_table(reports)
     if down:
-        md += ["\n## Downstream evaluation (lm-evaluation-harness, `lrpretrain eval`)\n", down]
+        md += ["\n## Downstream evaluation (lm-evaluation-harness, `lrpretrain eval`)\n\n", down]
     kinds = sorted({r.memory_kind for r in reports if r.memory_kind and r.peak_mem_mb is not None})
     md.append(
         "\nParameters: analytic, from the method's cost (exact for the built model). tokens: training tokens "
@@ -424,8 +434,8 @@ def write_report(runs: list[Path], out: Path, sources: list[Path] | None = None)
         "time: the logged steps after the first. Peak memory measured: " + ("; ".join(kinds) or "n/a") +
         " (RSS includes the interpreter and libraries, ~0.3-0.5 GiB); estimated: `lrpretrain estimate` for the "
         "run's config, single-process runs only.\n")
-    md += ["\n## Plots\n"] + [f"![{p}]({rel(out / p, out)})\n" for p in plots]
-    atomic_write_text(out / "report.md", "\n".join(md))
+    md += ["\n## Plots\n\n"] + [f"![{p}]({rel(out / p, out)})\n\n" for p in plots]
+    atomic_write_text(out / "report.md", "".join(md).rstrip() + "\n")
     payload = [{k: v for k, v in asdict(r).items()} for r in reports]
     atomic_write_text(out / "report.json", json.dumps(payload, indent=1) + "\n")
     return reports

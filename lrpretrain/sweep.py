@@ -364,5 +364,8 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     atomic_write_text(Path(sweep_dir) / "summary.md", f"# Sweep {sweep_dir}\n\n{markdown_table(rows)}\n{note}")
     runs = [d for d in sweep_jobs(sweep_dir) if (d / "config.yaml").exists()]  # a job refused before training has none
     if runs:
-        write_report(runs, Path(sweep_dir), [Path(sweep_dir)])
+        try:
+            write_report(runs, Path(sweep_dir), [Path(sweep_dir)])
+        except UserError as e:  # e.g. no matplotlib: the summary stands without the report
+            print(f"sweep: warning: the report was not written: {e}", file=sys.stderr)
     return rows

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from lrpretrain import bench, estimate, export, report
+from lrpretrain import bench, estimate, evaluation, export, report
 from lrpretrain.data_recipes import embedded
 from lrpretrain.errors import UserError
 from lrpretrain.generate import generate_from_run
@@ -52,6 +52,10 @@ def cmd_generate(args: list[str]) -> int:
 
 def cmd_export(args: list[str]) -> int:
     return export.main(args)
+
+
+def cmd_eval(args: list[str]) -> int:
+    return evaluation.main(args)
 
 
 def cmd_report(args: list[str]) -> int:
@@ -85,6 +89,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": cmd_train,
     "generate": cmd_generate,
     "export": cmd_export,
+    "eval": cmd_eval,
     "prepare-data": cmd_prepare_data,
     "sweep-summary": cmd_sweep_summary,
     "report": cmd_report,

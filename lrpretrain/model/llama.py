@@ -155,8 +155,7 @@ class LLaMA(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.tie_weights()
         cos, sin = rope_cache(cfg.max_seq_len, cfg.dim // cfg.n_heads, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -170,6 +169,12 @@ class LLaMA(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin) if layer.checkpoint_fn is None else layer.checkpoint_fn(layer, x, cos, sin)
         return self.lm_head(self.norm(x))
+
+    def tie_weights(self) -> None:
+        """With ``tie_embeddings`` the LM head is the embedding matrix (again after ``to_empty``, which
+        gives every module a parameter of its own)."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
 
     @torch.no_grad()
     def init_weights(self) -> None:
