@@ -356,7 +356,7 @@ def plot_all(reports: list[RunReport], out: Path) -> list[str]:
     save(fig, "train_loss.png")
 
     # tokens/s per run
-    fig, ax = figure(1.2 + 0.45 * len(reports))
+    fig, ax = figure(max(3.0, 1.2 + 0.45 * len(reports)))
     ys = list(range(len(reports)))[::-1]
     vals = [r.tokens_per_s or 0.0 for r in reports]
     bars = ax.barh(ys, vals, color=colour, hatch=None)
@@ -373,7 +373,7 @@ def plot_all(reports: list[RunReport], out: Path) -> list[str]:
     save(fig, "throughput.png")
 
     # peak memory per run, estimate beside the measurement
-    fig, ax = figure(1.2 + 0.6 * len(reports))
+    fig, ax = figure(max(3.0, 1.2 + 0.6 * len(reports)))
     h = 0.38
     gib = max([(r.peak_mem_mb or 0) for r in reports] + [(r.estimated_peak_mb or 0) for r in reports]) >= 2048
     unit, div = ("GiB", 1024.0) if gib else ("MiB", 1.0)
