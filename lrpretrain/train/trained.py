@@ -45,7 +45,7 @@ def run_config(run_dir: str | os.PathLike) -> Config:
     """The resolved, validated config of the run in ``run_dir`` (one line if there is none)."""
     path = Path(run_dir) / "config.yaml"
     if not Path(run_dir).is_dir():
-        raise ConfigError(f"run.dir={run_dir} does not exist")
+        raise ConfigError(f"run.dir={run_dir} holds no run: the directory does not exist")
     if not path.exists():
         raise ConfigError(f"run.dir={run_dir} holds no run (no config.yaml)")
     return from_yaml(path)
