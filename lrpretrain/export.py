@@ -8,7 +8,7 @@ The directory holds what ``transformers.AutoModelForCausalLM.from_pretrained(DIR
 - ``model.safetensors``, or shards ``model-0000k-of-0000n.safetensors`` with
   ``model.safetensors.index.json`` when the weights pass ``max_shard_bytes`` (5 GB, HF's default);
 - ``generation_config.json``: the special ids and ``lrpretrain generate``'s defaults (sampling at
-  temperature 0.8, top-k 50), at most ``max_seq_len`` tokens;
+  temperature 0.8, top-k 50);
 - ``tokenizer.json`` (the run's tokenizer, saved by ``tokenizers``), ``tokenizer_config.json`` and
   ``special_tokens_map.json``: EOS and pad as the run's ``data.eos_token`` / ``data.pad_token``.
 
@@ -162,20 +162,34 @@ def hf_config(cfg: ModelConfig, tok: TokenizerInfo, dtype: torch.dtype) -> dict[
     }
 
 
-def generation_config(cfg: ModelConfig, tok: TokenizerInfo) -> dict[str, Any]:
+def generation_config(tok: TokenizerInfo) -> dict[str, Any]:
     return {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
-            "do_sample": True, "temperature": 0.8, "top_k": 50, "max_length": cfg.max_seq_len}
+            "do_sample": True, "temperature": 0.8, "top_k": 50}
 
 
 def tokenizer_files(tok: TokenizerInfo, cfg: ModelConfig, eos: str, pad: str) -> dict[str, str]:
     """tokenizer.json, tokenizer_config.json, special_tokens_map.json (a PreTrainedTokenizerFast)."""
+    text = tok.tokenizer.to_str(pretty=True)
     special = {"bos_token": eos, "eos_token": eos, "pad_token": pad}
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "unk_token": None,
-              "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+    unk = unk_token(json.loads(text).get("model") or {})
+    if unk is not None:
+        special["unk_token"] = unk
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": None, **special,
+              "clean_up_tokenization_spaces": False,
               "model_max_length": cfg.max_seq_len, "padding_side": "right"}
-    return {"tokenizer.json": tok.tokenizer.to_str(pretty=True),
+    return {"tokenizer.json": text,
             "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
             "special_tokens_map.json": json.dumps(special, indent=2) + "\n"}
+
+
+def unk_token(model: dict[str, Any]) -> str | None:
+    """The unknown token of a tokenizers model (BPE/WordPiece/WordLevel: ``unk_token``; Unigram: ``unk_id``)."""
+    if isinstance(model.get("unk_token"), str):
+        return model["unk_token"]
+    vocab, unk_id = model.get("vocab"), model.get("unk_id")
+    if isinstance(unk_id, int) and isinstance(vocab, list) and 0 <= unk_id < len(vocab):
+        return vocab[unk_id][0]
+    return None
 
 
 def shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -211,6 +225,12 @@ def write_weights(tensors: dict[str, torch.Tensor], out: Path, max_bytes: int) -
     return [*files, "model.safetensors.index.json"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def check_out(out: Path, run_dir: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out={out} is a file; choose a directory")
@@ -230,7 +250,7 @@ def export_run(run: TrainedRun, out: Path, dtype: str = "auto", max_shard_bytes:
     tensors = hf_state_dict(dense, run.cfg.model, torch_dtype)
     data = run.cfg.data
     texts = {"config.json": json.dumps(hf_config(run.cfg.model, run.tokenizer, torch_dtype), indent=2) + "\n",
-             "generation_config.json": json.dumps(generation_config(run.cfg.model, run.tokenizer), indent=2) + "\n",
+             "generation_config.json": json.dumps(generation_config(run.tokenizer), indent=2) + "\n",
              **tokenizer_files(run.tokenizer, run.cfg.model, data.eos_token, data.pad_token)}
     out = out.absolute()
     tmp = out.parent / f".tmp-export-{out.name}-{os.getpid()}"
@@ -242,6 +262,9 @@ def export_run(run: TrainedRun, out: Path, dtype: str = "auto", max_shard_bytes:
             files = write_weights(tensors, tmp, max_shard_bytes)
             for name, text in texts.items():
                 (tmp / name).write_text(text)
+            mode = 0o666 & ~_umask()
+            for f in tmp.iterdir():  # safetensors creates its files 0600; an export is meant to be shared
+                f.chmod(mode)
             if out.exists():
                 shutil.rmtree(out)
             os.replace(tmp, out)

@@ -94,6 +94,33 @@ def test_the_tokenizer_is_the_runs(tiny_runs, exported):
     assert gen["eos_token_id"] == run.tokenizer.eos_id
 
 
+def test_a_unigram_tokenizer_with_unk_and_an_eos_post_processor(tmp_path):
+    """t5-base's kind of tokenizer (Unigram, <unk>, "$A </s>" appended): transformers encodes as the run did."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from lrpretrain.data.tokenizer import load_tokenizer
+    from lrpretrain.export import tokenizer_files
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tok.train_from_iterator([TEXTS[0], "Whether 'tis nobler in the mind to suffer"] * 20, trainers.UnigramTrainer(
+        vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok.save(str(tmp_path / "t.json"))
+    info = load_tokenizer(str(tmp_path / "t.json"), "</s>", "<pad>")
+    cfg = ModelConfig(name="x", dim=8, n_layers=1, n_heads=2, ffn_dim=8)
+    for name, text in tokenizer_files(info, cfg, "</s>", "<pad>").items():
+        (tmp_path / "hf" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "hf" / name).write_text(text)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    assert hf.unk_token == "<unk>" and hf.eos_token_id == 1 and hf.pad_token_id == 0
+    for text in [*TEXTS, "zebra xylophone!"]:
+        assert hf(text)["input_ids"] == tok.encode(text).ids and hf(text)["input_ids"][-1] == 1
+        ids = tok.encode(text, add_special_tokens=False).ids
+        assert hf.encode(text, add_special_tokens=False) == ids
+        assert hf.decode(ids) == tok.decode(ids, skip_special_tokens=False)
+
+
 def test_bf16_checkpoints_and_sharded_weights(tiny_runs, tmp_path, cli_main):
     """A checkpoint holding bf16 weights exports as bf16 by default (dtype=auto), as fp32 on request;
     a small shard size splits the weights with an index that transformers follows."""
