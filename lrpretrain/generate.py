@@ -41,7 +41,7 @@ class GenerateConfig:
     seed: int = 0
     checkpoint: str = "latest"  # latest | step_N | PATH to a checkpoint directory
     cache: bool = True  # KV cache: prefill once, then one token per step
-    device: str = "cpu"  # cpu | cuda | auto
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
 
 
 def parse_overrides(args: list[str]) -> GenerateConfig:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -70,7 +71,8 @@ def our_accuracy(run, docs) -> tuple[float, float]:
 
 def test_eval_a_local_task_and_report_it(cli, tiny_runs, tmp_path):
     docs = write_task(tmp_path)
-    run_dir = tiny_runs["full"]
+    run_dir = tmp_path / "full"  # a copy: eval writes into the run directory
+    shutil.copytree(tiny_runs["full"], run_dir)
     r = cli("eval", f"run.dir={run_dir}", "tasks=[lrp_toy_mc]", f"include_path={tmp_path}", "device=cpu")
     assert r.code == 0, r.err
     rec = [json.loads(x) for x in (run_dir / "eval_results.jsonl").read_text().splitlines()][-1]

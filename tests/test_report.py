@@ -43,7 +43,7 @@ def test_report_of_a_run_and_a_sweep(cli, tiny_runs, tmp_path):
     r = cli("report", str(tiny_runs["full"]), str(sweep), "--out", str(out))
     assert r.code == 0, r.err
     md = (out / "report.md").read_text()
-    assert md.count("| full |") == 1 and md.count("| method=lora |") == 1
+    assert md.count("| full | full | llama_tiny |") == 1 and md.count("| method=lora | lora | llama_tiny |") == 1
 
     for name, run_dir, method in [("full", tiny_runs["full"], "full"), ("method=lora", sweep / "method=lora", "lora")]:
         run = load_trained(run_dir)  # parameters counted on the built model
