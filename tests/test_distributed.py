@@ -142,6 +142,22 @@ def test_generate_reads_a_sharded_checkpoint(runs, cli):
     assert r.out.startswith("To be")
 
 
+def test_export_reads_a_sharded_checkpoint(runs, cli, tmp_path):
+    """FSDP2's dcp/ checkpoint exports as one transformers model computing what the run's model computes."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from lrpretrain.train.trained import load_trained
+
+    r = cli("export", f"run.dir={runs / 'fsdp2'}", f"out={tmp_path / 'hf'}")
+    assert r.code == 0, r.err
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, local_files_only=True)
+    ours = load_trained(runs / "fsdp2").model
+    ids = torch.randint(0, 8192, (1, 32))
+    with torch.no_grad():
+        assert (hf(ids).logits - ours(ids)).abs().max().item() <= 1e-5
+
+
 def test_refusals_reach_every_rank(runs):
     for rank in (0, 1):
         r = results(runs / "launch", rank)

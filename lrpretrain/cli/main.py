@@ -3,8 +3,11 @@
     lrpretrain train [overrides]            train (or resume) a model; see README for the keys
     lrpretrain train -m [overrides]         a sweep (Hydra multirun): key=a,b runs one job per value
                                             (--dry-run: list the jobs and the sbatch script, run nothing)
-    lrpretrain sweep-summary SWEEP_DIR      write a sweep's summary.jsonl and summary.md again
-    lrpretrain generate run.dir=PATH [...]  sample text from a run's latest checkpoint
+    lrpretrain sweep-summary SWEEP_DIR      write a sweep's summary.jsonl, summary.md and report again
+    lrpretrain generate run.dir=PATH [...]  sample text from a run's latest checkpoint (KV cache)
+    lrpretrain export run.dir=PATH out=DIR  write the run as a Hugging Face LlamaForCausalLM directory
+    lrpretrain eval run.dir=PATH tasks=[..] lm-evaluation-harness tasks on the exported model
+    lrpretrain report PATH... [--out DIR]   report.md and plots comparing runs and sweeps
     lrpretrain prepare-data [embedded]      prepare the embedded corpus and tokenizer now
     lrpretrain prepare-data pretokenize [data overrides] out=DIR [num_proc=N] [max_tokens=N]
                                             [val_max_tokens=N] [progress=auto|bar|lines|none]
@@ -24,7 +27,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from lrpretrain import bench, estimate
+from lrpretrain import bench, estimate, evaluation, export, report
 from lrpretrain.data.pretokenize import Options, pretokenize
 from lrpretrain.data.shards import verify_directory
 from lrpretrain.data_recipes import embedded
@@ -45,8 +48,24 @@ def cmd_train(args: list[str]) -> int:
 
 
 def cmd_generate(args: list[str]) -> int:
-    print(generate_from_run(args))
+    texts = generate_from_run(args)
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            print(f"{'' if i == 0 else chr(10)}=== sample {i + 1} of {len(texts)} ===")
+        print(text)
     return 0
+
+
+def cmd_export(args: list[str]) -> int:
+    return export.main(args)
+
+
+def cmd_eval(args: list[str]) -> int:
+    return evaluation.main(args)
+
+
+def cmd_report(args: list[str]) -> int:
+    return report.main(args)
 
 
 def cmd_sweep_summary(args: list[str]) -> int:
@@ -113,8 +132,11 @@ def cmd_estimate(args: list[str]) -> int:
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": cmd_train,
     "generate": cmd_generate,
+    "export": cmd_export,
+    "eval": cmd_eval,
     "prepare-data": cmd_prepare_data,
     "sweep-summary": cmd_sweep_summary,
+    "report": cmd_report,
     "bench": cmd_bench,
     "estimate": cmd_estimate,
 }

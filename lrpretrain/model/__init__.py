@@ -18,6 +18,7 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", materializ
         model = LLaMA(cfg)
     if materialize:
         model.to_empty(device=device)
+        model.tie_weights()
         model.init_weights()
     return model
 

@@ -58,15 +58,15 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
     def update_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         """One parameter's update: :meth:`step_param`, through ``bf16_update`` for a bf16 weight; an
         element-wise step runs chunk by chunk (:meth:`elementwise_step`)."""
-        rounding = self.bf16_update
-        if rounding is not None and not rounding.applies_to(p):
-            rounding = None
-        if self.elementwise(p, group):
-            self.elementwise_step(p, group, rounding)
-        elif rounding is None:
+        rounding = self._rounding(p)
+        if rounding is None or self.elementwise(p, group):  # an element-wise step rounds piece by piece itself
             self.step_param(p, group)
         else:
             rounding.step(p, self.state[p], self.slot_of(p), lambda: self.step_param(p, group))
+
+    def _rounding(self, p: torch.Tensor) -> Bf16Update | None:
+        rounding = self.bf16_update
+        return rounding if rounding is not None and rounding.applies_to(p) else None
 
     # -- element-wise steps, chunk by chunk ----------------------------------------------------------
     def elementwise(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
@@ -81,8 +81,9 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     @torch.no_grad()
-    def elementwise_step(self, p: torch.Tensor, group: dict[str, Any], rounding: Bf16Update | None = None) -> None:
-        """An element-wise step in pieces of :data:`CHUNK` entries of the flattened tensor.
+    def elementwise_step(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        """An element-wise step in pieces of :data:`CHUNK` entries of the flattened tensor (the
+        ``step_param`` of element-wise optimizers); a bf16 weight is rounded back piece by piece.
 
         The result is that of one whole-tensor step, bit for bit (every operation is element-wise and
         8-bit blocks never straddle two pieces); what changes is the memory: the step's temporaries
@@ -91,6 +92,7 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
         3.4 GiB. A tensor that is not contiguous is stepped whole.
         """
         update = self.begin_elementwise(p, group)
+        rounding = self._rounding(p)
         state = self.state[p]
         W, G = local(p.data), local(p.grad)
         writer = rounding.writer(state, p.data, self.slot_of(p)) if rounding is not None else None
