@@ -137,6 +137,15 @@ def _mem(method: str, recompute: str, per_layer: bool, gpu_s: float) -> Row:
                ref=None if (recompute, per_layer) == ("none", False) else f"mem_{method}_none")
 
 
+def _p(name: str, method: str, size: str, gpu_s: float, *overrides: str, ref: str | None = None, mb: int = 32) -> Row:
+    """A pure-bf16 row (trainer.precision=pure_bf16: bf16 weights, no fp32 master copy), compared with
+    ``ref``, its bf16-autocast twin where the suite has one."""
+    return Row(name, "precision", gpu_s, method=method, size=size, mb=mb,
+               overrides=(*overrides, "trainer.precision=pure_bf16"), ref=ref, cpu_s=4.0, cap_s=300.0)
+
+
+GALORE8_PL = ("method.state_bits=8", "trainer.per_layer_update=true")
+
 # The rows, in the order they run: adding a row is adding an entry (a later issue's pure-bf16, quantised
 # or Triton-kernel rows: a group of their own, or an existing one). ``gpu_s`` is what the deadline
 # budgets for a row on an H100/H200-class GPU; until the first GPU run (whose summary lists every
@@ -152,13 +161,13 @@ def _mem(method: str, recompute: str, per_layer: bool, gpu_s: float) -> Row:
 # - one-offs: the first update's CUDA/cuBLAS start-up (~0.5 s); a candidate micro-batch that runs out
 #   of memory after all (+~4 s, budgeted on the three rows whose largest candidate is estimated
 #   at ~120 GB); GaLore's and Fira's SVD of every target gradient at step 0 (168 cuSOLVER fp32 SVDs:
-#   ~4 s at 350m, ~25 s at 1b, the least certain figure here), SST's SVD of the weights at build
+#   ~4 s at 350m, ~17-20 s at 1b: 96 of 2048^2 and 72 of 5461 x 2048, the least certain figure here), SST's SVD of the weights at build
 #   (~4 s at 350m), bitsandbytes' start-up (~1 s); torch.compile of llama_1b's forward and backward
 #   (24 blocks traced as one graph; inductor's kernels are compiled once per distinct kernel, in
 #   parallel on the host's cores) with a cold cache: ~90 s;
 # - the data rows: no CUDA, ~1 s of start-up and 5 s of streaming; the device row: CUDA's context,
 #   nvidia-smi and 126 bf16 matmuls of 8192^3 (~0.2 s).
-# Together 414 s, with the suite's own imports (~8 s) 422 s of the 450 s deadline (the rest is slack).
+# Together 426 s, with the suite's own imports (~8 s) 434 s of the 450 s deadline (the rest is slack).
 ROWS: tuple[Row, ...] = (
     Row("device", "device", 5, kind="device", cap_s=90, cpu_s=5,
         note="device, driver, versions, measured dense bf16 matmul peak"),
@@ -181,6 +190,15 @@ ROWS: tuple[Row, ...] = (
     _m("cola", 5),
     _m("cola_m", 5),
     _m("crnet", 5),
+    # trainer.precision=pure_bf16 beside bf16 autocast: at 1B against the memory rows of the same config
+    # (which run later: the ratio appears once both have run), and the 7B memory headline's shapes (GaLore
+    # 8-bit + per-layer updates, micro-batch 1 x 256) with 2 layers, as measured on the CPU
+    # (benchmarks/pure_bf16.py); full depth: `--rows` with the command in README "Measuring on a GPU"
+    _p("p_full_1b_pure", "full", MEMORY, 6, ref="mem_full_none"),
+    _p("p_galore_1b_pl_pure", "galore", MEMORY, 20, "trainer.per_layer_update=true", ref="mem_galore_per_layer"),
+    _p("p_full8pl_7b_2l_pure", "full", "7b", 8, "model.n_layers=2", "optim.state_bits=8",
+       "trainer.per_layer_update=true", mb=1),
+    _p("p_galore8pl_7b_2l_pure", "galore", "7b", 10, "model.n_layers=2", *GALORE8_PL, mb=1),
     Row("galore_refresh", "refresh", 20, method="galore", size=METHODS, overrides=("method.update_proj_gap=1",),
         mb=64, warmup=1, steps=3, memory=False, cap_s=240, ref="m_galore",
         note="every update recomputes GaLore's projections (T = 1)"),
@@ -192,10 +210,10 @@ ROWS: tuple[Row, ...] = (
     _mem("full", "full", False, 6),
     _mem("full", "selective", False, 6),
     _mem("full", "none", True, 6),
-    _mem("galore", "none", False, 30),
-    _mem("galore", "full", False, 30),
-    _mem("galore", "selective", False, 30),
-    _mem("galore", "none", True, 30),
+    _mem("galore", "none", False, 22),
+    _mem("galore", "full", False, 22),
+    _mem("galore", "selective", False, 22),
+    _mem("galore", "none", True, 22),
     Row("full_1b_compile", "compile", 100, size=MEMORY, overrides=("trainer.compile=true",),
         cpu_overrides=("trainer.compile_backend=aot_eager",), mb=32, cap_s=240, cpu_s=8, ref="mem_full_none"),
 )
@@ -760,7 +778,8 @@ TITLES = {"full": "Full rank by size (largest micro-batch that fits among the ca
           "refresh": "GaLore's projection refresh",
           "data": "Data stream alone (CPU: tokenize, truncate/pack, collate)",
           "memory": "Activation recomputation and per-layer updates",
-          "compile": "torch.compile (trainer.compile=true)"}
+          "compile": "torch.compile (trainer.compile=true)",
+          "precision": "bf16 autocast vs pure bf16 (trainer.precision=pure_bf16; tokens/s vs the bf16 twin)"}
 
 
 def _table(head: list[str], lines: list[list[str]]) -> list[str]:
@@ -823,7 +842,8 @@ def summary(records: dict, rows: list[Row], device: dict | None, deadline: float
                 rec = records.get(r.name) or {}
                 res = rec.get("result") or {}
                 what = [res.get("model", "–"), res.get("method", "–"),
-                        f"{res['recompute']}{', per-layer' if res['per_layer_update'] else ''}" if res else "–"]
+                        f"{res['recompute']}{', per-layer' if res['per_layer_update'] else ''}"
+                        f"{', ' + res['precision'] if res.get('precision', 'bf16') != 'bf16' else ''}" if res else "–"]
                 extra = [_ratio(rec, records) if r.ref else "–"]
                 if r.fit:
                     extra.append(", ".join(f"{a['micro_batch_size']}: {a['status'].split(':')[0]}"

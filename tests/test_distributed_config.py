@@ -26,6 +26,8 @@ TWO = ["model=llama_tiny", "trainer.batch_size=4", "trainer.micro_batch_size=2"]
     (["distributed=fsdp2", "method=sst", "method.rank=8"], 2, "method=sst is not supported with distributed.strategy=fsdp2"),
     (["distributed=fsdp2", "method=crnet", "method.rank=8", "trainer.recompute=method"], 2,
      "method=crnet is not supported with distributed.strategy=fsdp2: its recomputation (trainer.recompute=method)"),
+    (["distributed=fsdp2", "model.tie_embeddings=true"], 2,
+     "model.tie_embeddings=true is not supported with distributed.strategy=fsdp2"),
 ])
 def test_bad_values_are_one_line(args, world, expected):
     with pytest.raises(ConfigError) as e:

@@ -96,6 +96,10 @@ class FSDP2(Strategy):
         if cfg.trainer.compile:
             raise ConfigError("trainer.compile=true is not supported with distributed.strategy=fsdp2 here "
                               "(untested); use trainer.compile=false")
+        if cfg.model.tie_embeddings:
+            raise ConfigError("model.tie_embeddings=true is not supported with distributed.strategy=fsdp2 here: "
+                              "materialising the sharded model gives the LM head a parameter of its own (the tie "
+                              "would silently break); use distributed=ddp or model.tie_embeddings=false")
         if cfg.trainer.precision == "pure_bf16" and cfg.distributed.param_dtype == "fp16":
             raise ConfigError("distributed.param_dtype=fp16 contradicts trainer.precision=pure_bf16 (the parameters are "
                               "bf16 and are gathered as they are); use distributed.param_dtype=bf16 or leave it at fp32")
