@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_errors import one_line
 
-from lrpretrain.checkpoint.files import crc32
+from lrpretrain.storage import crc32
 from lrpretrain.config import ModelConfig
 from lrpretrain.export import EXPORTED_FIELDS
 from lrpretrain.model import generate

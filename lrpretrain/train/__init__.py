@@ -116,9 +116,12 @@ def _build(cfg: Config, resolved: DictConfig, strategy: Strategy, device: torch.
                     f"{cfg.eval.galore_tokens} tokens, but the held-out set has {val.available_tokens} "
                     f"(data.val_tokens={cfg.data.val_tokens}): its figure covers fewer batches than GaLore's")
 
-    if cfg.trainer.precision in ("bf16", "pure_bf16") and device.type == "cpu":
-        logger.info(f"warning: trainer.precision={cfg.trainer.precision} on the CPU: without native bf16 matmuls this "
-                    "is far slower than fp32 (29x on the CPU in benchmarks/results/README.md)")
+    if cfg.trainer.precision == "bf16" and device.type == "cpu":
+        logger.info("warning: trainer.precision=bf16 on the CPU: autocast's bf16 matmuls are far slower than fp32 "
+                    "(29x on the CPU in benchmarks/results/README.md)")
+    if cfg.trainer.precision == "pure_bf16" and device.type == "cpu" and not cpu_has_bf16_matmul():
+        logger.info("warning: trainer.precision=pure_bf16 on a CPU without bf16 matrix instructions (avx512_bf16, "
+                    "amx_bf16 or Arm's bf16): its bf16 matmuls are emulated and far slower than fp32")
     cost = plugin.cost(cfg.model, cfg.data.seq_len)
     trainer = Trainer(cfg, resolved, model, plugin, optimizer, data, val, run_dir, logger, device, accum,
                       flops_per_token=cost["flops_per_token"], per_layer=per_layer, strategy=strategy, forward=forward)
@@ -135,6 +138,20 @@ def _build(cfg: Config, resolved: DictConfig, strategy: Strategy, device: torch.
     if per_layer is not None:
         logger.info(per_layer.describe())
     return trainer
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (x86 AVX512-BF16 or AMX-BF16, Arm BF16), from
+    the flags Linux reports; elsewhere (no /proc/cpuinfo) False."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def attach_bf16_update(optimizer: torch.optim.Optimizer, rule: str, seed: int) -> None:
