@@ -102,7 +102,7 @@ def quality(steps: int) -> dict:
             out[name] = _summary(_train([*common, *extra], Path(tmp) / name))
             print(name, out[name], flush=True)
     ref = out["fp32"]
-    for name, r in out.items():
+    for r in out.values():
         r["train_loss_vs_fp32_pct"] = 100 * (r["final_train_loss"] / ref["final_train_loss"] - 1)
         r["val_loss_vs_fp32_pct"] = 100 * (r["val_loss"] / ref["val_loss"] - 1)
     return out

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_errors import one_line
 
-from lrpretrain.storage import crc32
 from lrpretrain.config import ModelConfig
 from lrpretrain.export import EXPORTED_FIELDS
 from lrpretrain.model import generate
+from lrpretrain.storage import crc32
 from lrpretrain.train.trained import load_trained
 
 transformers = pytest.importorskip("transformers")
