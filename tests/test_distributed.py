@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import dist_worker  # noqa: F401  (registers method=test_kill, which the FSDP2 runs use)
 from conftest import TINY, losses
@@ -28,6 +30,7 @@ CRNET = ["method=crnet", "method.rank=8"]
 RELORA = ["method=relora", "method.rank=8", "method.lora_dropout=0", "method.merge_every=2",
           "method.restart_warmup_steps=0"]
 PER_LAYER = ["trainer.per_layer_update=true"]
+PURE = ["trainer.precision=pure_bf16"]
 TOL = 2e-5  # losses of ~9: float summation order only
 
 
@@ -71,6 +74,11 @@ def runs(tmp_path_factory, corpus) -> Path:
         job("refused_rundir", "distributed=ddp", "trainer.resume=never", run="ddp"),
         job("refused_method", "distributed=fsdp2", "method=crnet", "method.rank=8", "trainer.recompute=method"),
         job("fsdp2_crnet", "distributed=fsdp2", *CRNET),
+        # pure bf16: bf16 parameters sharded as they are (no mixed-precision policy), stochastic rounding of
+        # each shard's update (bits by position: as one process rounds), per-layer updates, DDP
+        job("fsdp2_pure", "distributed=fsdp2", *PURE),
+        job("fsdp2_pure_pl", "distributed=fsdp2", *PURE, *PER_LAYER),
+        job("ddp_pure", "distributed=ddp", *PURE, "trainer.bf16_update=kahan"),
         {**job("signal", "distributed=fsdp2", "method=test_kill"),
          "env": {"LRP_TEST_SIGNAL_AT": "3", "LRP_TEST_SIGNAL_RANK": "1"}},
     ]
@@ -85,7 +93,8 @@ def single(tmp_path_factory, corpus) -> Path:
     from lrpretrain.cli.main import main
 
     root = tmp_path_factory.mktemp("single")
-    for name, args in {"full": [], "galore": GALORE, "relora": RELORA, "crnet": CRNET}.items():
+    for name, args in {"full": [], "galore": GALORE, "relora": RELORA, "crnet": CRNET, "pure": PURE,
+                       "pure_kahan": [*PURE, "trainer.bf16_update=kahan"]}.items():
         assert main(["train", *COMMON, f"run.dir={root / name}", *args]) == 0
     return root
 
@@ -126,6 +135,19 @@ def test_relora_merges_under_fsdp2(runs, single):
 def test_crnet_under_fsdp2(runs, single):
     """CR-Net's cross-layer carries pass between sharded blocks; its 1-element gates β are sharded too."""
     assert close(losses(runs / "fsdp2_crnet"), losses(single / "crnet"))
+
+
+def test_pure_bf16_under_fsdp2_and_ddp(runs, single):
+    """bf16 weights: the sharded runs follow one process's (their fp32 gradient sums differ in order only,
+    so a stochastic rounding decision differs now and then: a looser tolerance than fp32's); per-layer
+    updates equal the global step under FSDP2; the checkpoints hold bf16 weights."""
+    ref = losses(single / "pure")
+    assert len(ref) == 4 and losses(runs / "fsdp2_pure")[1] == pytest.approx(ref[1], abs=TOL)
+    assert close(losses(runs / "fsdp2_pure"), ref, 2e-3)
+    assert close(losses(runs / "fsdp2_pure_pl"), losses(runs / "fsdp2_pure"), 1e-6)
+    assert close(losses(runs / "ddp_pure"), losses(single / "pure_kahan"), 2e-3)
+    weights = load_file(str(runs / "ddp_pure" / "checkpoints" / "step_4" / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
 
 
 def test_fsdp2_checkpoints_are_sharded_dcp(runs):
