@@ -27,6 +27,8 @@ GALORE = ["method=galore", "method.rank=8", "method.update_proj_gap=2"]
 CRNET = ["method=crnet", "method.rank=8"]
 RELORA = ["method=relora", "method.rank=8", "method.lora_dropout=0", "method.merge_every=2",
           "method.restart_warmup_steps=0"]
+LOST = ["method=lost", "method.rank=8", "method.sparsity=0.1"]  # its SVD surgery runs on the meta device
+GRADNORM = ["method=gradnorm_lorp", "method.rank=8", "method.update_proj_gap=2"]
 PER_LAYER = ["trainer.per_layer_update=true"]
 TOL = 2e-5  # losses of ~9: float summation order only
 
@@ -71,6 +73,9 @@ def runs(tmp_path_factory, corpus) -> Path:
         job("refused_rundir", "distributed=ddp", "trainer.resume=never", run="ddp"),
         job("refused_method", "distributed=fsdp2", "method=crnet", "method.rank=8", "trainer.recompute=method"),
         job("fsdp2_crnet", "distributed=fsdp2", *CRNET),
+        job("fsdp2_lost", "distributed=fsdp2", *LOST),
+        job("fsdp2_gradnorm", "distributed=fsdp2", *GRADNORM),
+        job("ddp_gradnorm", "distributed=ddp", *GRADNORM),
         {**job("signal", "distributed=fsdp2", "method=test_kill"),
          "env": {"LRP_TEST_SIGNAL_AT": "3", "LRP_TEST_SIGNAL_RANK": "1"}},
     ]
@@ -85,7 +90,8 @@ def single(tmp_path_factory, corpus) -> Path:
     from lrpretrain.cli.main import main
 
     root = tmp_path_factory.mktemp("single")
-    for name, args in {"full": [], "galore": GALORE, "relora": RELORA, "crnet": CRNET}.items():
+    for name, args in {"full": [], "galore": GALORE, "relora": RELORA, "crnet": CRNET, "lost": LOST,
+                       "gradnorm": GRADNORM}.items():
         assert main(["train", *COMMON, f"run.dir={root / name}", *args]) == 0
     return root
 
@@ -126,6 +132,14 @@ def test_relora_merges_under_fsdp2(runs, single):
 def test_crnet_under_fsdp2(runs, single):
     """CR-Net's cross-layer carries pass between sharded blocks; its 1-element gates β are sharded too."""
     assert close(losses(runs / "fsdp2_crnet"), losses(single / "crnet"))
+
+
+def test_lost_and_gradnorm_lorp_under_ddp_and_fsdp2(runs, single):
+    """LOST's SVD split and channel buffers built on the meta device and filled from rank 0; GradNormLoRP's
+    weight-normalised directions projected whole under FSDP2 (magnitudes sharded), and under DDP."""
+    assert close(losses(runs / "fsdp2_lost"), losses(single / "lost"))
+    assert close(losses(runs / "fsdp2_gradnorm"), losses(single / "gradnorm"))
+    assert close(losses(runs / "ddp_gradnorm"), losses(single / "gradnorm"))
 
 
 def test_fsdp2_checkpoints_are_sharded_dcp(runs):
