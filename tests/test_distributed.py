@@ -52,8 +52,8 @@ def close(a: dict[int, float], b: dict[int, float], tol: float = TOL) -> bool:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, corpus) -> Path:
-    """One launch: DDP/FSDP2 x (full, per-layer), GaLore and ReLoRA under FSDP2, init check, refusals,
-    a pre-emption signal seen by one rank."""
+    """One launch: DDP/FSDP2 x (full, per-layer), GaLore, ReLoRA, CR-Net, LOST and GradNormLoRP under FSDP2
+    (GradNormLoRP under DDP too), init check, refusals, a pre-emption signal seen by one rank."""
     root = tmp_path_factory.mktemp("dist")
 
     def job(name: str, *args: str, run: str | None = None) -> dict:

@@ -1,19 +1,18 @@
 """LOST and GradNormLoRP: their math against independent implementations written here (random
 matrices, both orientations m > n and m < n), accounting against the built model, dense export, and
 through the real CLI: they learn, resume bit for bit from a stop between subspace refreshes, and reject
-bad values with one line."""
+bad values with one line (their CLI runs that learn and resume bit for bit are cases of
+tests/test_reparam_cli.py)."""
 
 from __future__ import annotations
 
 import math
-import os
-import signal
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 from test_errors import one_line
+from torch import nn
 
 from lrpretrain.methods import get_method
 from lrpretrain.methods.gradnorm_lorp import WeightNormLinear
@@ -23,7 +22,7 @@ from lrpretrain.model import build_model
 from lrpretrain.optim import GaLoreAdamW
 from lrpretrain.train import load_config
 
-from conftest import TINY, losses, read_metrics
+from conftest import TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -293,46 +292,7 @@ def test_gradnorm_moves_within_a_rank_r_subspace_between_refreshes():
     assert across[rank] > 1e-2 * across[0]
 
 
-# -- through the CLI -------------------------------------------------------------------------------------
-
-# refreshes (GradNormLoRP, T = 4) at updates 0, 4, 8 of a 12-update run; the stop after update 6 is mid-cycle
-CASES = {
-    "lost": ["method=lost", "method.rank=16", "method.sparsity=0.1"],
-    "gradnorm_lorp": ["method=gradnorm_lorp", "method.rank=16", "method.update_proj_gap=4"],
-    "gradnorm_lorp_8bit": ["method=gradnorm_lorp", "method.rank=16", "method.update_proj_gap=4", "method.state_bits=8"],
-}
-COMMON = [*TINY, "trainer.max_steps=12", "optim.lr=0.005", "trainer.ckpt_every=100", "trainer.eval_at_start=true"]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case", list(CASES))
-def test_learns_and_resumes_between_refreshes_bit_for_bit(cli, tmp_path, monkeypatch, case):
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    args = [*COMMON, *CASES[case]]
-    r = cli("train", *args, f"run.dir={ref}")
-    assert r.code == 0, r.err
-    evals = [x["val_loss"] for x in read_metrics(ref) if "val_loss" in x]
-    assert evals[-1] < evals[0] - 1.0, evals  # it learns
-    train = losses(ref)
-    assert sum(train[s] for s in (10, 11, 12)) < sum(train[s] for s in (1, 2, 3)) - 3.0
-
-    cls = get_method(CASES[case][0].split("=")[1])
-    original = cls.after_step
-
-    def after_step(self, ctx):  # pre-empted (SIGUSR1, as SLURM does) right after update 6
-        original(self, ctx)
-        if ctx.step == 6:
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-    monkeypatch.setattr(cls, "after_step", after_step)
-    r = cli("train", *args, f"run.dir={run}")
-    assert r.code == 0 and "stopped by SIGUSR1 at step 6" in r.err, r.err
-    monkeypatch.undo()
-    r = cli("train", *args, f"run.dir={run}")
-    assert r.code == 0 and "resumed from" in r.err, r.err
-    assert losses(run) == losses(ref)  # bit for bit, across the refresh at update 8
-    vals = lambda d: [(x["step"], x["val_loss"]) for x in read_metrics(d) if "val_loss" in x]  # noqa: E731
-    assert vals(run) == vals(ref)
+# -- through the CLI (learning and bit-for-bit resume between refreshes: tests/test_reparam_cli.py) ------
 
 
 @pytest.mark.parametrize("args, expected", [
