@@ -15,8 +15,9 @@ I·J is learnt GaLore-style, from gradients projected onto a rank-r subspace:
   every T steps), Adam runs on PᵀD (or D·Qᵀ: the smaller side, ``proj_type=std``) and V moves by
   α·P·N_t. Between two refreshes V − V_{kT} = P·J, J the accumulated r x n steps: W0 + I·J with I = P
   and W0 = V_{kT}, and at each refresh I·J is folded into W0 and a new subspace begins (the paper's
-  D̃_t = U_t η_t(U_tᵀ D_t V_t) V_tᵀ; the one-sided form is GaLore's own implementation and this
-  project's shared subspace step, :mod:`lrpretrain.optim.subspace`). So V is held as one m x n tensor
+  D̃_t = U_t η_t(U_tᵀ D_t V_t) V_tᵀ is ``proj_type=full``; the default one-sided ``std`` is GaLore's own
+  implementation; both run in this project's shared subspace step, :mod:`lrpretrain.optim.subspace`).
+  So V is held as one m x n tensor
   (W0 + I·J, already summed, as GaLore keeps W) and the optimizer state is r-dimensional; the
   magnitudes M get plain Adam (same LR, no weight decay) in the embeddings' group.
 - **8-bit states** (``method.state_bits=8``, the paper's "8-bit GradNormLoRP", its headline LLaMA 7B
