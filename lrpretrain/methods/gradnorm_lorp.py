@@ -24,8 +24,8 @@ I·J is learnt GaLore-style, from gradients projected onto a rank-r subspace:
   on an RTX 4090): the projected moments in bitsandbytes' blockwise format, as GaLoreAdamW8bit.
 
 Gradients (one autograd function, :class:`_WeightNormLinear`): with s = M/‖V‖_c, V̂ = V/‖V‖_c and
-G = ∂L/∂W = gᵀx, ∂L/∂M = Σ_j G ⊙ V̂ (per row) and ∂L/∂V = s ⊙ (G − V̂ ⊙ ∂L/∂M). The function saves only
-x (as a plain Linear does: no extra activations) and recomputes the norms and W in the backward, so
+G = ∂L/∂W = gᵀx, ∂L/∂M = Σ_j G ⊙ V̂ (per row) and ∂L/∂V = s ⊙ (G − V̂ ⊙ ∂L/∂M). The function saves
+only x (as a plain Linear does: no extra activations) and recomputes the norms and W in the backward, so
 no m x n matrix outlives the layer's forward or backward. Per token the FLOPs are a dense layer's
 (6mn); normalising W is O(mn) per step, not per token.
 
@@ -166,4 +166,5 @@ class GradNormLoRP(SubspaceMethod):
 
     def state_bytes(self, model_cfg: ModelConfig, bits: int) -> int:
         """GaLore's state of the directions and the other weights, plus Adam's two moments per magnitude."""
-        return super().state_bytes(model_cfg, bits) + sum(2 * moment_bytes(m, bits) for m in self._magnitudes(model_cfg))
+        magnitudes = sum(2 * moment_bytes(m, bits) for m in self._magnitudes(model_cfg))
+        return super().state_bytes(model_cfg, bits) + magnitudes

@@ -89,7 +89,7 @@ def kept_channels(in_features: int, sparsity: float) -> int:
 
 
 @torch.no_grad()
-def lost_split(weight: torch.Tensor, rank: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def lost_split(weight: torch.Tensor, rank: int, k: int) -> tuple[torch.Tensor, ...]:
     """(B, A, channels, S) of ``weight`` (m x n), all fp32: B·A its best rank-r approximation, channels
     the k input channels (sorted) with the largest residual column norms, S the residual's columns there."""
     w = weight.float()
