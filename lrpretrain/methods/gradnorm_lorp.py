@@ -19,7 +19,7 @@ I·J is learnt GaLore-style, from gradients projected onto a rank-r subspace:
   implementation; both run in this project's shared subspace step, :mod:`lrpretrain.optim.subspace`).
   So V is held as one m x n tensor
   (W0 + I·J, already summed, as GaLore keeps W) and the optimizer state is r-dimensional; the
-  magnitudes M get plain Adam (same LR, no weight decay) in the embeddings' group.
+  magnitudes M get plain Adam (same LR, no weight decay) in the norms' group.
 - **8-bit states** (``method.state_bits=8``, the paper's "8-bit GradNormLoRP", its headline LLaMA 7B
   on an RTX 4090): the projected moments in bitsandbytes' blockwise format, as GaLoreAdamW8bit.
 
