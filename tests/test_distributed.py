@@ -29,6 +29,8 @@ GALORE = ["method=galore", "method.rank=8", "method.update_proj_gap=2"]
 CRNET = ["method=crnet", "method.rank=8"]
 RELORA = ["method=relora", "method.rank=8", "method.lora_dropout=0", "method.merge_every=2",
           "method.restart_warmup_steps=0"]
+LOST = ["method=lost", "method.rank=8", "method.sparsity=0.1"]  # its SVD surgery runs on the meta device
+GRADNORM = ["method=gradnorm_lorp", "method.rank=8", "method.update_proj_gap=2"]
 PER_LAYER = ["trainer.per_layer_update=true"]
 PURE = ["trainer.precision=pure_bf16"]
 TOL = 2e-5  # losses of ~9: float summation order only
@@ -53,8 +55,8 @@ def close(a: dict[int, float], b: dict[int, float], tol: float = TOL) -> bool:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, corpus) -> Path:
-    """One launch: DDP/FSDP2 x (full, per-layer), GaLore and ReLoRA under FSDP2, init check, refusals,
-    a pre-emption signal seen by one rank."""
+    """One launch: DDP/FSDP2 x (full, per-layer), GaLore, ReLoRA, CR-Net, LOST and GradNormLoRP under FSDP2
+    (GradNormLoRP under DDP too), init check, refusals, a pre-emption signal seen by one rank."""
     root = tmp_path_factory.mktemp("dist")
 
     def job(name: str, *args: str, run: str | None = None) -> dict:
@@ -79,6 +81,9 @@ def runs(tmp_path_factory, corpus) -> Path:
         job("fsdp2_pure", "distributed=fsdp2", *PURE),
         job("fsdp2_pure_pl", "distributed=fsdp2", *PURE, *PER_LAYER),
         job("ddp_pure", "distributed=ddp", *PURE, "trainer.bf16_update=kahan"),
+        job("fsdp2_lost", "distributed=fsdp2", *LOST),
+        job("fsdp2_gradnorm", "distributed=fsdp2", *GRADNORM),
+        job("ddp_gradnorm", "distributed=ddp", *GRADNORM),
         {**job("signal", "distributed=fsdp2", "method=test_kill"),
          "env": {"LRP_TEST_SIGNAL_AT": "3", "LRP_TEST_SIGNAL_RANK": "1"}},
     ]
@@ -93,8 +98,8 @@ def single(tmp_path_factory, corpus) -> Path:
     from lrpretrain.cli.main import main
 
     root = tmp_path_factory.mktemp("single")
-    for name, args in {"full": [], "galore": GALORE, "relora": RELORA, "crnet": CRNET, "pure": PURE,
-                       "pure_kahan": [*PURE, "trainer.bf16_update=kahan"]}.items():
+    for name, args in {"full": [], "galore": GALORE, "relora": RELORA, "crnet": CRNET, "lost": LOST,
+                       "gradnorm": GRADNORM, "pure": PURE, "pure_kahan": [*PURE, "trainer.bf16_update=kahan"]}.items():
         assert main(["train", *COMMON, f"run.dir={root / name}", *args]) == 0
     return root
 
@@ -148,6 +153,14 @@ def test_pure_bf16_under_fsdp2_and_ddp(runs, single):
     assert close(losses(runs / "ddp_pure"), losses(single / "pure_kahan"), 2e-3)
     weights = load_file(str(runs / "ddp_pure" / "checkpoints" / "step_4" / "model.safetensors"))
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+
+
+def test_lost_and_gradnorm_lorp_under_ddp_and_fsdp2(runs, single):
+    """LOST's SVD split and channel buffers built on the meta device and filled from rank 0; GradNormLoRP's
+    weight-normalised directions projected whole under FSDP2 (magnitudes sharded), and under DDP."""
+    assert close(losses(runs / "fsdp2_lost"), losses(single / "lost"))
+    assert close(losses(runs / "fsdp2_gradnorm"), losses(single / "gradnorm"))
+    assert close(losses(runs / "ddp_gradnorm"), losses(single / "gradnorm"))
 
 
 def test_fsdp2_checkpoints_are_sharded_dcp(runs):

@@ -17,8 +17,9 @@ from lrpretrain.train import load_config
 from lrpretrain.train.recompute import apply_recompute
 
 BUILTIN = ["full", "galore", "galore_dct", "fira", "apollo", "apollo_mini", "frugal", "lowrank", "lora", "relora",
-           "periodic_lora", "sltrain", "switchlora", "sst", "cola", "cola_m", "crnet"]
-HAS_RANK = {"lowrank", "lora", "relora", "periodic_lora", "sltrain", "switchlora", "sst", "cola", "cola_m", "crnet"}
+           "periodic_lora", "sltrain", "switchlora", "sst", "cola", "cola_m", "crnet", "lost", "gradnorm_lorp"]
+HAS_RANK = {"lowrank", "lora", "relora", "periodic_lora", "sltrain", "switchlora", "sst", "cola", "cola_m", "crnet",
+            "lost"}
 SMALL = ["model=llama_tiny", "data.seq_len=64", "trainer.batch_size=2", "trainer.micro_batch_size=2",
          "trainer.threads=1"]
 
@@ -80,6 +81,8 @@ MEASURED = [
     ["method=galore", "method.rank=32", "trainer.recompute=full", "method.state_bits=8"],
     ["method=lora", "method.rank=16", "trainer.per_layer_update=true", "trainer.per_layer_clip=param"],
     ["method=sltrain", "method.rank=16"],
+    ["method=lost", "method.rank=16", "method.sparsity=0.1"],
+    ["method=gradnorm_lorp", "method.rank=32", "method.state_bits=8", "trainer.per_layer_update=true"],
     ["method=cola_m", "method.rank=32", "trainer.per_layer_update=true"],
     ["method=cola", "method.rank=32", "trainer.recompute=full"],
     ["method=crnet", "method.rank=32", "trainer.recompute=method", "trainer.per_layer_update=true"],

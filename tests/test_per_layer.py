@@ -68,6 +68,8 @@ METHODS = {
     "relora": ["method=relora", "method.rank=8", "method.merge_every=2", "method.restart_warmup_steps=1"],
     "periodic_lora": ["method=periodic_lora", "method.rank=8", "method.unload_every=2", "method.unload=momentum"],
     "sltrain": ["method=sltrain", "method.rank=8"],
+    "lost": ["method=lost", "method.rank=8", "method.sparsity=0.1"],
+    "gradnorm_lorp": ["method=gradnorm_lorp", "method.update_proj_gap=2"],
     "switchlora": ["method=switchlora", "method.rank=8", "method.interval=2", "method.adam_warm_step=1"],
     "sst": ["method=sst", "method.rank=8", "method.round_steps=2"],
     "cola": ["method=cola", "method.rank=8"],

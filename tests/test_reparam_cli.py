@@ -1,5 +1,6 @@
-"""lowrank, lora, relora, periodic_lora and sltrain through the real CLI: they learn, resume bit for bit
-from a stop between merges, reject bad values with one line, and ReLoRA's warm start and first update."""
+"""lowrank, lora, relora, periodic_lora, sltrain, lost and gradnorm_lorp through the real CLI: they learn,
+resume bit for bit from a stop between merges (GradNormLoRP: between subspace refreshes), reject bad values
+with one line, and ReLoRA's warm start and first update."""
 
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ CASES = {
     "periodic_lora_momentum": ("periodic_lora", ["method.rank=16", "method.unload_every=4", "method.unload=momentum",
                                                  "method.momentum=0.3"]),
     "sltrain": ("sltrain", ["method.rank=16", "method.delta=0.05"]),
+    "lost": ("lost", ["method.rank=16", "method.sparsity=0.1"]),
+    # subspace refreshes at updates 0, 4, 8: the stop after 6 is mid-cycle
+    "gradnorm_lorp": ("gradnorm_lorp", ["method.rank=16", "method.update_proj_gap=4"]),
 }
 COMMON = [*TINY, "trainer.max_steps=12", "optim.lr=0.005", "trainer.ckpt_every=100", "trainer.eval_at_start=true"]
 
