@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_errors import one_line
+from test_estimate import BUILTIN, HAS_RANK
 from test_per_layer import _assert_same_run, _run
 
 import lrpretrain.train
@@ -24,10 +25,7 @@ from lrpretrain.train import build_trainer, load_config
 
 from conftest import TINY, losses, read_metrics
 
-BUILTIN = ["full", "galore", "galore_dct", "fira", "apollo", "apollo_mini", "frugal", "lowrank", "lora", "relora",
-           "periodic_lora", "sltrain", "switchlora", "sst", "cola", "cola_m", "crnet"]
-RANKED = {"galore", "galore_dct", "fira", "apollo", "lowrank", "lora", "relora", "periodic_lora", "sltrain",
-          "switchlora", "sst", "cola", "cola_m", "crnet"}
+RANKED = HAS_RANK | {"galore", "galore_dct", "fira", "apollo", "gradnorm_lorp"}  # method.rank=8 fits llama_tiny
 PURE = ["trainer.precision=pure_bf16"]
 SMALL = ["model=llama_tiny", "data.seq_len=32", "trainer.batch_size=2", "trainer.micro_batch_size=2",
          "trainer.threads=1", "data.val_tokens=0", "trainer.eval_at_start=false", "logging.progress=none"]
