@@ -377,13 +377,13 @@ class LoQT(Method):
     Config = LoQTConfig
     cfg: LoQTConfig
     unsupported_strategies = {
-        "ddp": "DDP needs every trained parameter in every forward, and LoQT's factors B take no part before "
-               "the first merge; its update steps also need W's full gradient on every rank; use "
-               "distributed.strategy=single",
-        "fsdp2": "FSDP2 would shard the factors B but not LoQT's quantized weights (buffers), and its merges "
-                 "need whole matrices; use distributed.strategy=single",
-        "deepspeed": "DeepSpeed would partition the factors B but not LoQT's quantized weights (buffers), and "
-                     "its merges need whole matrices; use distributed.strategy=single",
+        "ddp": "DDP needs every trained parameter in every forward (LoQT's factors B take no part before the "
+               "first merge), and every rank would need the same full gradient of each quantized weight at an "
+               "update step",
+        "fsdp2": "it would shard the factors B but not LoQT's quantized weights (buffers), and a merge needs "
+                 "whole matrices",
+        "deepspeed": "it would partition the factors B but not LoQT's quantized weights (buffers), and a merge "
+                     "needs whole matrices",
     }
 
     def __init__(self, cfg, model_cfg):

@@ -181,13 +181,10 @@ class QGaLore(SubspaceMethod):
     Config = QGaLoreConfig
     cfg: QGaLoreConfig
     unsupported_strategies = {
-        "ddp": "Q-GaLore's INT8 weights are buffers that its optimizer rewrites, and DDP's replicas would "
-               "need its gradient handles reduced before every rank rounds the same way; use "
-               "distributed.strategy=single (the reference's INT8 path is single-GPU too)",
-        "fsdp2": "FSDP2 would shard Q-GaLore's gradient handles but not its INT8 weights (buffers); use "
-                 "distributed.strategy=single",
-        "deepspeed": "DeepSpeed would partition Q-GaLore's gradient handles but not its INT8 weights "
-                     "(buffers); use distributed.strategy=single",
+        "ddp": "its INT8 weights are buffers its optimizer rewrites behind broadcast gradient handles, which DDP "
+               "cannot broadcast or bucket (the reference's INT8 path is single-GPU too)",
+        "fsdp2": "it would shard Q-GaLore's gradient handles but not its INT8 weights (buffers)",
+        "deepspeed": "it would partition Q-GaLore's gradient handles but not its INT8 weights (buffers)",
     }
     salt = 0x51476C72  # decorrelates the rounding stream from the run's other seeded streams
 
