@@ -273,6 +273,7 @@ class LoQTLinear(Reparameterized):
             low = F.linear(_FrozenLinear.apply(x, self, "proj"), self.lora_B)
         return y + self.scale * low
 
+    @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
         W = self.base_weight(torch.float32)
         if self._active:
