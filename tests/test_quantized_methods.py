@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_errors import one_line
-from test_per_layer import _assert_same_run
+from test_per_layer import METHODS as PER_LAYER
+from test_per_layer import _assert_same_run, _run
 
 from lrpretrain.errors import ConfigError
 from lrpretrain.estimate import estimate, outside_layers_bytes
@@ -395,6 +396,18 @@ def test_resumes_bit_for_bit_between_merges_and_refreshes(cli, tmp_path, name, c
     if name == "q_galore":
         states = final(run)["optimizer"].values()
         assert any(s.get("proj_gap") == 8 for s in states)  # the lazy decisions survived the resume
+
+
+@pytest.mark.slow
+def test_loqt_update_steps_survive_recomputation_and_two_backward_passes(cli, tmp_path):
+    """W's full gradient is taken once per update step even when the forward is recomputed (activation
+    checkpointing) and the backward runs twice (exact per-layer clipping, reusing the graph or
+    recomputing the forward): the runs equal the global step bit for bit."""
+    ref = _run(cli, tmp_path / "ref", *PER_LAYER["loqt"])
+    for recompute in ("full", "selective"):
+        pl = _run(cli, tmp_path / recompute, *PER_LAYER["loqt"], "trainer.per_layer_update=true",
+                  f"trainer.recompute={recompute}")
+        _assert_same_run(ref, pl)
 
 
 @pytest.mark.parametrize("args, expected", [

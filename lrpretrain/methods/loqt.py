@@ -77,7 +77,12 @@ from lrpretrain.errors import allowed, check
 from lrpretrain.methods import register_method
 from lrpretrain.methods.base import Method, Reparameterized, StepContext
 from lrpretrain.methods.targets import TargetsConfig
-from lrpretrain.methods.toolkit import check_rank_for_model, reparameterize, reparameterized_cost, target_shapes
+from lrpretrain.methods.toolkit import (
+    check_rank_for_model,
+    reparameterize,
+    reparameterized_cost,
+    target_shapes,
+)
 from lrpretrain.model.memory import activation_itemsize, rope_bytes
 from lrpretrain.optim import quantized
 from lrpretrain.optim.bf16 import forget_compensation
@@ -177,7 +182,9 @@ class _FrozenLinear(torch.autograd.Function):
         dtype = _compute_dtype(x)
         x = x.to(dtype)
         ctx.module, ctx.which = module, which
-        ctx.probe = which == "weight" and module.probing
+        # armed for the whole update (not only until G is complete): a recomputed forward (activation
+        # checkpointing, the second pass of exact per-layer clipping) saves what the first one saved
+        ctx.probe = which == "weight" and module.armed
         if ctx.probe:
             ctx.save_for_backward(x)
         return F.linear(x, module.frozen(which, dtype))
@@ -186,7 +193,7 @@ class _FrozenLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         module = ctx.module
         grad_x = grad @ module.frozen(ctx.which, grad.dtype) if ctx.needs_input_grad[0] else None
-        if ctx.probe:
+        if ctx.probe and module.probing:
             (x,) = ctx.saved_tensors
             module.take_gradient(grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1]))
         return grad_x, None, None
@@ -281,6 +288,11 @@ class LoQTLinear(Reparameterized):
         return W
 
     # -- an update step ------------------------------------------------------------------------------------
+    @property
+    def armed(self) -> bool:
+        """This update takes W's full gradient."""
+        return self._expected > 0
+
     @property
     def probing(self) -> bool:
         """Armed and G not yet complete (a later pass over the same micro-batch, e.g. the second

@@ -40,7 +40,6 @@ from the position-based generator of :mod:`lrpretrain.optim.bf16` (order-indepen
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
