@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -98,22 +97,10 @@ def run_estimates() -> dict:
 
 
 def run_measure(names: list[str]) -> dict:
-    from lrpretrain.bench import bench
+    sys.path.insert(0, str(Path(__file__).parent))
+    from pure_bf16 import measure  # same directory: one bench update per row, beside its estimate
 
-    out = {}
-    for name in names:
-        load0 = os.getloadavg()
-        t0 = time.perf_counter()
-        r = bench(MEASURE[name], warmup=0, steps=1)
-        e = r["estimate"]
-        out[name] = {"overrides": MEASURE[name], "wall_s": time.perf_counter() - t0, "loadavg": [load0, os.getloadavg()],
-                     "measured": {k: r.get(k) for k in ("peak_bytes", "param_bytes", "buffer_bytes", "optimizer_state_bytes",
-                                                         "peak_grad_bytes", "activation_bytes", "other_at_peak", "step_s",
-                                                         "rss_peak_delta")},
-                     "estimate": e, "peak_ratio": r["peak_bytes"] / e["peak"]}
-        print(f"{name}: measured peak {r['peak_bytes'] / MIB:,.0f} MiB, estimate {e['peak'] / MIB:,.0f} MiB "
-              f"({100 * (r['peak_bytes'] / e['peak'] - 1):+.1f}%)", flush=True)
-    return out
+    return measure(names, MEASURE)
 
 
 def _gb(x: float) -> str:

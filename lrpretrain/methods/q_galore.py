@@ -199,17 +199,10 @@ class QGaLore(SubspaceMethod):
         self.seed = int(seeded_generator(self.salt).initial_seed())
         return model
 
-    def param_groups(self, model: nn.Module, optim_cfg: OptimConfig) -> list[dict[str, Any]]:
+    def projected_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         modules = [m for _, m in select_targets(model, list(self.cfg.targets)) if isinstance(m, Int8Linear)]
-        self._modules = {m.grad_handle.weight: m for m in modules}
-        projected = list(self._modules)
-        ids = {id(p) for p in projected}
-        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-        groups = [{"params": [p for p in rest if p.ndim >= 2], "weight_decay": optim_cfg.weight_decay},
-                  {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0},
-                  {"params": projected, "weight_decay": optim_cfg.weight_decay, "projected": True,
-                   **self.group_options()}]
-        return [g for g in groups if g["params"]]
+        self._modules = {m.grad_handle.weight: m for m in modules}  # for the optimizer (build_optimizer)
+        return list(self._modules)
 
     def group_options(self) -> dict[str, Any]:
         c = self.cfg
