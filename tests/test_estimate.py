@@ -98,7 +98,6 @@ MEASURED = [
     # LoQT's update step (its full gradient of W and SVD in the backward, then the merge); Q-GaLore's refresh
     ["method=loqt", "method.rank=16", "method.update_proj_gap=3", "trainer.per_layer_update=true",
      "trainer.precision=pure_bf16"],
-    ["method=loqt", "method.rank=32", "method.update_proj_gap=3", "optim.state_bits=8"],
     ["method=q_galore", "method.rank=32", "method.update_proj_gap=3"],
     ["method=q_galore", "method.rank=32", "method.update_proj_gap=3", "trainer.per_layer_update=true",
      "trainer.precision=pure_bf16"],

@@ -331,7 +331,8 @@ def test_lazy_refresh_threshold_is_inclusive():
 
 # -- through the CLI ----------------------------------------------------------------------------------------
 
-FAST = {"loqt": ["method=loqt", "method.rank=16", "method.update_proj_gap=3", "optim.lr=0.01"],
+FAST = {"loqt": ["method=loqt", "method.rank=16", "method.update_proj_gap=3", "method.compensation_iterations=2",
+                 "optim.lr=0.01"],
         "q_galore": ["method=q_galore", "method.rank=16", "method.update_proj_gap=3", "optim.lr=0.01"]}
 
 
