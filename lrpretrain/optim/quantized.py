@@ -30,6 +30,14 @@ with ``torch.load(weights_only=True)``; no bitsandbytes ``QuantState`` or other 
   representable range becomes [0, 0.01]). The group's minimum as the offset represents every value of
   the range, for the same grid spacing and 4 bytes per group.
 
+bitsandbytes' CPU backend (0.50.2, checked here): ``quantize_4bit`` is its generic torch implementation
+(``bucketize`` against the midpoints of the code book: exactly the nearest level, ~13 bytes of
+temporaries per entry, about 0.1 µs per entry on one core), ``dequantize_4bit`` a C kernel (NF4 to
+fp32/bf16/fp16; its ``out=`` variant is not implemented on the CPU, so we never pass one);
+``quantize_blockwise``/``dequantize_blockwise`` C kernels whose 8-bit code search may take the
+neighbouring level within ~0.2% of a step of a midpoint. On CUDA the same ops are bitsandbytes' kernels.
+The CPU 4-bit matmul kernel (``gemv_4bit``) is fetched from the Hugging Face hub and is not used here.
+
 Both quantise in pieces of :data:`PIECE` entries (a multiple of every block and group size), so a
 quantisation's temporaries are those of one piece whatever the tensor's size (bitsandbytes' CPU
 quantiser makes about 13 bytes of temporaries per entry). Why bitsandbytes for NF4: it is the
