@@ -84,7 +84,7 @@ from lrpretrain.methods.toolkit import (
     target_shapes,
 )
 from lrpretrain.model.memory import activation_itemsize, rope_bytes
-from lrpretrain.optim import quantized
+from lrpretrain.optim import moments, quantized
 from lrpretrain.optim.bf16 import forget_compensation
 from lrpretrain.optim.memory import adamw_state_bytes, svd_temp_bytes
 from lrpretrain.optim.projector import svd_bases
@@ -378,6 +378,18 @@ def compensate(W: torch.Tensor, P: torch.Tensor, scale: float, side: str, fmt: B
     return best[1], best[2], best[0], plain
 
 
+def restart_adam(state: dict[str, Any]) -> None:
+    """Zero Adam's moments (fp32 or 8-bit) and its step counter in place: the next update starts them
+    afresh, bias correction included; the stochastic-rounding counter goes on (its stream is not reused)."""
+    if moments.has_moments(state):
+        moments.reset(state)
+    step = state.get("step")
+    if isinstance(step, torch.Tensor):
+        step.zero_()
+    elif step is not None:
+        state["step"] = 0
+
+
 # -- the plugin -----------------------------------------------------------------------------------------
 
 
@@ -437,8 +449,7 @@ class LoQT(Method):
             state = ctx.optimizer.state.get(m.lora_B, {})
             forget_compensation(state)  # B was rewritten: a kahan buffer no longer belongs to it
             if self.cfg.reset_optimizer:
-                for key in [k for k in state if k != "bf16_updates"]:  # the rounding stream goes on
-                    del state[key]
+                restart_adam(state)
         record: dict[str, Any] = {"loqt_merged": len(errors)}
         if errors:
             record["loqt_quant_error"] = sum(errors) / len(errors)
