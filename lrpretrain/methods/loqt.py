@@ -59,7 +59,17 @@ Choices where the paper and the reference are silent or differ between scripts:
   ``double_quant`` as the reference's 7B script (off in its small-model scripts).
 - Compensation uses the pseudo-inverse of the *dequantized* P (the reference's, as P is not exactly
   orthonormal once quantized), computed in fp32, and B is stored in the parameters' dtype.
-- ``compensation_iterations=0``: W_q = Q(W) and B = 0 (the reference).
+- ``compensation_iterations=0``: W_q = Q(W) and B = 0 (the reference). The 7B script passes none
+  (0); conf/experiment/loqt_c4_7b.yaml uses 5, as every smaller script.
+- The frozen products (x·deq(W_q)ᵀ and the one with P) dequantize in the forward and again in the
+  backward and save nothing (bitsandbytes' 4-bit matmul, which the reference uses, does the same), so
+  a block saves less than a plain one: the inputs of q/k/v and gate/up are not kept, r values per
+  target with P on the input side are (``layer_extra_values``).
+- Any ``trainer.precision`` works: B, embeddings and norms are stored in the parameters' dtype and the
+  dequantized weights in the activations'; the presets train in pure bf16 (the reference casts the
+  model to bf16).
+- ``reset_optimizer=true`` zeroes B's moments and step counter at each merge (the reference has no
+  such option); the stochastic-rounding counter of pure bf16 goes on.
 """
 
 from __future__ import annotations
