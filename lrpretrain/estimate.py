@@ -25,13 +25,16 @@ Three precisions (``trainer.precision``): ``fp32``; ``bf16`` (autocast over fp32
   input and the loss's log-softmax; under bf16 autocast also the bf16 copies of the weights that
   autocast caches for the whole forward;
 - **transients**: the loss's logits copies at the end of the forward, the logits' gradient at the
-  start of the backward, and the optimizer's per-tensor temporaries (under pure bf16 with the fp32
-  working copies of the stepped weight and its gradient).
+  start of the backward, the optimizer's per-tensor temporaries (under pure bf16 with the fp32
+  working copies of the stepped weight and its gradient), and what a method's own work adds inside the
+  backward of its costliest update (``backward_temp_bytes``: LoQT's full gradient of a quantized
+  weight with its SVD at an update step).
 
 Peak = weights + optimizer states + the largest of three moments of an update:
   end of forward:      activations + loss transients (+ gradients of earlier micro-batches)
   start of backward:   activations + logits gradient + the LM head's gradient; with per-layer updates
-                       the LM head's step instead (its gradient and the step's temporaries)
+                       the LM head's step instead (its gradient and the step's temporaries); + the
+                       method's own backward work
   optimizer step:      every gradient + the step's temporaries (global step only)
 """
 
@@ -83,6 +86,7 @@ class Estimate:
     peak: float
     peak_at: str  # end of forward | start of backward | optimizer step
     budget: float | None = None
+    quantized_params: float = 0.0  # weights stored quantized in buffers (LoQT, Q-GaLore), not in ``params``
 
     @property
     def fits(self) -> bool | None:
@@ -119,8 +123,8 @@ def estimate(cfg: Config, budget: float | None = None, precision: str | None = N
 
     weights = wb * params + cost.get("buffer_bytes", rope_bytes(mc)) + cost.get("method_state_bytes", 0.0)
     states = float(plugin.optimizer_state_bytes(mc, cfg.optim))
-    if pure and t.bf16_update == "kahan":  # a bf16 compensation buffer per trained weight
-        states += 2.0 * trainable
+    if pure and t.bf16_update == "kahan":  # a bf16 compensation buffer per trained bf16 weight
+        states += 2.0 * cost.get("kahan_params", trainable)
     largest = float(cost.get("largest_trainable", largest_trainable(mc)))
     all_grads = wb * trainable
     in_backward = t.per_layer_update and not (t.per_layer_clip == "global" and accum > 1)
@@ -144,11 +148,14 @@ def estimate(cfg: Config, budget: float | None = None, precision: str | None = N
     # working copies of the weight and its gradient that the step runs on, lrpretrain/optim/bf16.py)
     step_temp = float(plugin.step_temp_bytes(mc, cfg.optim, precision))
     log_softmax = tokens * 4.0 * mc.vocab_size * (T - 1) / T  # in the activations, freed first in the backward
+    # the method's own work inside the backward (LoQT's full gradient of W and its SVD at an update step)
+    method_temp = float(plugin.backward_temp_bytes(mc, cfg.optim, precision, tokens, accum, t.recompute,
+                                                   t.recompute_every))
     moments = {"end of forward": activations + fwd_t + earlier}
     if in_backward:  # the LM head's step runs early in the backward, beside nearly every activation
-        moments["start of backward"] = activations - log_softmax + max(earlier, head_grad) + step_temp
+        moments["start of backward"] = activations - log_softmax + max(earlier, head_grad) + step_temp + method_temp
     else:
-        moments["start of backward"] = activations + bwd_t + max(earlier, head_grad)
+        moments["start of backward"] = activations + bwd_t + max(earlier, head_grad) + method_temp
         moments["optimizer step"] = all_grads + step_temp
     peak_at = max(moments, key=moments.__getitem__)
     static = weights + states
@@ -161,7 +168,8 @@ def estimate(cfg: Config, budget: float | None = None, precision: str | None = N
                     recompute=t.recompute, per_layer_update=t.per_layer_update, precision=precision, state_bits=bits,
                     params=params, trainable_params=trainable, flops_per_token=cost["flops_per_token"],
                     weights=weights, optimizer_states=states, gradients=grads_kept, activations=activations,
-                    transients=transients, peak=peak, peak_at=peak_at, budget=budget)
+                    transients=transients, peak=peak, peak_at=peak_at, budget=budget,
+                    quantized_params=cost.get("quantized_params", 0.0))
 
 
 # -- budgets and output -------------------------------------------------------------------------------------
@@ -193,7 +201,8 @@ def format_estimate(e: Estimate) -> str:
         f"{e.model} | method {e.method} | {e.micro_batch_size} x {e.seq_len} tokens per micro-batch, "
         f"accumulation {e.accumulation} | recompute {e.recompute} | per-layer updates "
         f"{'on' if e.per_layer_update else 'off'} | {e.precision} | optimizer states {e.state_bits}-bit",
-        f"parameters      {e.params / 1e6:10.2f} M ({e.trainable_params / 1e6:.2f} M trainable)",
+        f"parameters      {e.params / 1e6:10.2f} M ({e.trainable_params / 1e6:.2f} M trainable)"
+        + (f" + {e.quantized_params / 1e6:.2f} M stored quantized" if e.quantized_params else ""),
         f"FLOPs per token {e.flops_per_token / 1e9:10.3f} GFLOP (training: forward + backward)",
         f"weights          {_gib(e.weights)}   {'bf16' if e.precision == 'pure_bf16' else 'fp32'} parameters + buffers",
         f"optimizer states {_gib(e.optimizer_states)}",

@@ -17,9 +17,10 @@ from lrpretrain.train import load_config
 from lrpretrain.train.recompute import apply_recompute
 
 BUILTIN = ["full", "galore", "galore_dct", "fira", "apollo", "apollo_mini", "frugal", "lowrank", "lora", "relora",
-           "periodic_lora", "sltrain", "switchlora", "sst", "cola", "cola_m", "crnet", "lost", "gradnorm_lorp"]
+           "periodic_lora", "sltrain", "switchlora", "sst", "cola", "cola_m", "crnet", "lost", "gradnorm_lorp", "loqt",
+           "q_galore"]
 HAS_RANK = {"lowrank", "lora", "relora", "periodic_lora", "sltrain", "switchlora", "sst", "cola", "cola_m", "crnet",
-            "lost"}
+            "lost", "q_galore"}
 SMALL = ["model=llama_tiny", "data.seq_len=64", "trainer.batch_size=2", "trainer.micro_batch_size=2",
          "trainer.threads=1"]
 
@@ -42,8 +43,10 @@ def test_every_builtin_method_has_a_yaml_and_an_estimate():
 
 
 # The optimizer-side methods (galore_dct, fira, apollo, apollo_mini, frugal) train the plain model, as galore.
+# LoQT runs no low-rank path before its first merge: tests/test_quantized_methods.py checks it after one.
 @pytest.mark.parametrize("precision", ["fp32", "pure_bf16"])
-@pytest.mark.parametrize("name", [m for m in BUILTIN if m not in ("galore_dct", "fira", "apollo", "apollo_mini", "frugal")])
+@pytest.mark.parametrize("name", [m for m in BUILTIN if m not in ("galore_dct", "fira", "apollo", "apollo_mini", "frugal",
+                                                                  "loqt")])
 def test_activation_formulas_equal_saved_bytes(name, precision, one_thread):
     """Each method's activation model equals what autograd saves in its forward + loss, per recompute
     mode, with fp32 weights and with bf16 ones (trainer.precision=pure_bf16)."""
@@ -94,6 +97,13 @@ MEASURED = [
      "trainer.precision=pure_bf16"],
     ["method=lora", "method.rank=16", "trainer.precision=pure_bf16", "trainer.bf16_update=kahan"],
     ["method=cola_m", "method.rank=32", "trainer.precision=pure_bf16", "trainer.recompute=full"],
+    # quantized weights, measured at their costliest update (bench's measured update is the 4th, index 3):
+    # LoQT's update step (its full gradient of W and SVD in the backward, then the merge); Q-GaLore's refresh
+    ["method=loqt", "method.rank=16", "method.update_proj_gap=3", "trainer.per_layer_update=true",
+     "trainer.precision=pure_bf16"],
+    ["method=q_galore", "method.rank=32", "method.update_proj_gap=3"],
+    ["method=q_galore", "method.rank=32", "method.update_proj_gap=3", "trainer.per_layer_update=true",
+     "trainer.precision=pure_bf16"],
 ]
 
 

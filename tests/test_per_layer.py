@@ -74,6 +74,11 @@ METHODS = {
     "sst": ["method=sst", "method.rank=8", "method.round_steps=2"],
     "cola": ["method=cola", "method.rank=8"],
     "crnet": ["method=crnet", "method.rank=8"],
+    # quantized weights: LoQT's full gradient of W at updates 0 and 2 (taken in the first of the two
+    # backward passes) and merges after them; Q-GaLore's INT8 weights rounded stochastically
+    "loqt": ["method=loqt", "method.rank=8", "method.update_proj_gap=2", "method.compensation_iterations=2",
+             "method.reset_optimizer=true"],
+    "q_galore": ["method=q_galore", "method.rank=8", "method.update_proj_gap=2"],
 }
 
 

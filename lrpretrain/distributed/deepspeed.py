@@ -57,7 +57,7 @@ from torch import nn
 
 from lrpretrain import comm
 from lrpretrain.checkpoint import unshared
-from lrpretrain.distributed.strategy import Resumed, StepOutcome, Strategy, register_strategy
+from lrpretrain.distributed.strategy import Resumed, StepOutcome, Strategy, method_fallback, register_strategy
 from lrpretrain.errors import CheckpointError, ConfigError
 from lrpretrain.methods import Method, get_method
 
@@ -93,7 +93,7 @@ def refusal(cfg: Config) -> str | None:
     plugin = type(get_method(name)(cfg.method, cfg.model))
     why = plugin.strategy_refusal("deepspeed", cfg)
     if why:
-        return f"method '{name}' cannot run under distributed=deepspeed: {why}; use distributed=ddp"
+        return f"method '{name}' cannot run under distributed=deepspeed: {why}; use {method_fallback(cfg)}"
     if plugin.build_optimizer is not Method.build_optimizer:
         return (f"method '{name}' cannot run under distributed=deepspeed: its optimizer needs each parameter whole "
                 f"(2-D gradients to project, per-row or per-column state), but {zero}; use distributed=ddp or fsdp2")

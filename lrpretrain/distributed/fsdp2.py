@@ -57,7 +57,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from lrpretrain import comm
 from lrpretrain.checkpoint import SHARDED, Checkpointer
 from lrpretrain.comm import local
-from lrpretrain.distributed.strategy import Resumed, Strategy, register_strategy
+from lrpretrain.distributed.strategy import Resumed, Strategy, method_fallback, register_strategy
 from lrpretrain.errors import CheckpointError, ConfigError
 from lrpretrain.methods import get_method
 from lrpretrain.optim.clip import clip_coefficient, total_norm
@@ -87,7 +87,7 @@ class FSDP2(Strategy):
         why = get_method(cfg.method.name).strategy_refusal("fsdp2", cfg)
         if why:
             raise ConfigError(f"method={cfg.method.name} is not supported with distributed.strategy=fsdp2: {why}; "
-                              "use distributed=ddp")
+                              f"use {method_fallback(cfg)}")
         if cfg.optim.state_bits == 8 or getattr(cfg.method, "state_bits", 32) == 8:
             key = "optim.state_bits" if cfg.optim.state_bits == 8 else "method.state_bits"
             raise ConfigError(f"{key}=8 is not supported with distributed.strategy=fsdp2: blockwise 8-bit "

@@ -48,7 +48,9 @@ class MethodConfig:
 
 @dataclass
 class StepContext:
-    """What ``after_step`` sees after optimizer update number ``step`` (1-based) is applied."""
+    """What ``after_step`` sees after optimizer update number ``step`` (1-based) is applied; what
+    ``before_step`` sees before the update whose 0-based index is ``step`` (the updates done so far)
+    runs its first forward (``loss`` is then nan)."""
 
     step: int
     model: nn.Module
@@ -56,6 +58,7 @@ class StepContext:
     lr: float
     loss: float
     log: Callable[[dict[str, Any]], None] = field(default=lambda _m: None)  # add metrics for this step
+    micro_batches: int = 1  # forward + backward passes of this update (gradient accumulation) on this rank
 
 
 # -- modules that replace a target Linear (what export and merging rely on) ----------------------------
@@ -147,6 +150,13 @@ class Method:
         """Multiplies the base schedule at update ``step`` (0-based), e.g. ReLoRA's jagged restarts."""
         return 1.0
 
+    def before_step(self, ctx: StepContext) -> None:
+        """Before the first forward of an update (``ctx.step``: its 0-based index; ``ctx.micro_batches``:
+        the forward/backward passes it will run). A method that needs something from this update's
+        backward beyond the parameters' gradients arms its modules here: LoQT takes the full gradient
+        of its quantized weights (which are not parameters) at its update steps, in its modules'
+        backward, once the last micro-batch's gradient is complete. The trainer knows nothing of it."""
+
     def after_step(self, ctx: StepContext) -> None:
         """Periodic work after an update: merges, switches, resampling, optimizer resets."""
 
@@ -182,7 +192,9 @@ class Method:
         ``lrpretrain estimate``: ``buffer_bytes`` (every non-parameter tensor of the model; default:
         the RoPE tables), ``method_state_bytes`` (tensors the plugin holds outside the model and the
         optimizer), ``largest_trainable`` (entries of the largest trainable tensor; default: the
-        embedding's).
+        embedding's), ``quantized_params`` (weights stored quantized in buffers, not as parameters:
+        shown beside ``params``), ``kahan_params`` (trained entries that get a bf16 compensation buffer
+        under ``trainer.bf16_update=kahan``; default: ``trainable_params``).
         """
         n = param_count(model_cfg)
         return {"params": float(n), "trainable_params": float(n), "flops_per_token": flops_per_token(model_cfg, seq_len)}
@@ -203,6 +215,16 @@ class Method:
         largest = self.cost(model_cfg, 1).get("largest_trainable", largest_trainable(model_cfg))
         bits = min(optim_cfg.state_bits, getattr(self.cfg, "state_bits", 32))
         return elementwise_temp_bytes(float(largest), bits, precision)
+
+    def backward_temp_bytes(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, precision: str, tokens: int,
+                            accumulation: int, recompute: str = "none", recompute_every: int = 1) -> float:
+        """Analytic bytes that the method's own work adds beside the activations at the start of the
+        backward of its costliest update (for ``lrpretrain estimate``): what its modules compute or save
+        beyond plain autograd (LoQT: the full gradient of a quantized weight with its SVD at an update
+        step; a dequantized weight for the input gradient). ``tokens``: one micro-batch's;
+        ``accumulation``: micro-batches per update; ``recompute``: ``trainer.recompute``, blocks 0, k,
+        2k, ... checkpointed (k = ``recompute_every``). Default: nothing."""
+        return 0.0
 
     def activation_bytes(self, model_cfg: ModelConfig, recompute: str, recompute_every: int, precision: str) -> float:
         """Bytes per token that the decoder layers keep for the backward after a forward (all layers;

@@ -113,8 +113,13 @@ class SubspaceMethod(Method):
         raise NotImplementedError
 
     # -- hooks ---------------------------------------------------------------------------------------
+    def projected_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The parameters whose gradients are projected: the target projections' weights (Q-GaLore: the
+        gradient handles of its INT8 weights)."""
+        return [m.weight for _, m in select_targets(model, list(self.cfg.targets))]
+
     def param_groups(self, model: nn.Module, optim_cfg: OptimConfig) -> list[dict[str, Any]]:
-        projected = [m.weight for _, m in select_targets(model, list(self.cfg.targets))]
+        projected = self.projected_parameters(model)
         ids = {id(p) for p in projected}
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
         groups = [{"params": [p for p in rest if p.ndim >= 2], "weight_decay": optim_cfg.weight_decay},

@@ -26,9 +26,14 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", materializ
 @torch.no_grad()
 def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Store every floating-point parameter (trained or frozen) in ``dtype``, in place
-    (``trainer.precision=pure_bf16``). Buffers keep their dtype: the RoPE tables stay fp32 (RoPE is
-    computed in fp32, as under autocast) and index buffers stay integers."""
+    (``trainer.precision=pure_bf16``); a parameter broadcast from one value (every stride 0) stays so.
+    Buffers keep their dtype: the RoPE tables stay fp32 (RoPE is computed in fp32, as under autocast)
+    and index buffers stay integers."""
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != dtype:
-            p.data = p.data.to(dtype)
+            t = p.data
+            if t.numel() > 1 and not any(t.stride()):  # a broadcast value (Q-GaLore's gradient handles): stays one
+                p.data = t.as_strided((), ()).to(dtype).expand(t.shape)
+            else:
+                p.data = t.to(dtype)
     return model

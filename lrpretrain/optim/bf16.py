@@ -106,6 +106,12 @@ def forget_compensation(state: dict[str, Any], index: torch.Tensor | None = None
         local(comp).index_fill_(dim, index.to(local(comp).device), 0)
 
 
+def rounding_key(*values: int) -> int:
+    """A key for :func:`rounding_bits` from integers (a seed, a parameter's slot, its update count):
+    nearby values give unrelated streams. For stochastic rounding elsewhere (Q-GaLore's INT8 weights)."""
+    return _mix(*values)
+
+
 def _mix(*values: int) -> int:
     """A 63-bit key from integers (splitmix64 steps), so nearby counters give unrelated streams."""
     z = 0

@@ -111,7 +111,7 @@ class SubspaceAdam(ParamwiseOptimizer):
             state["step"] = 0
         rank = self.rank_of(p, group)
         side = projection_side(group["proj_type"], tuple(G.shape))
-        if state["step"] % group["update_proj_gap"] == 0:
+        if self.refresh_due(state, group):
             self.refresh(p, group, state, G, side, rank)
         P, Q = self.basis.get(state, G, side, rank)
         P, Q = _as(P, G.dtype), _as(Q, G.dtype)  # a bf16-stored basis (basis_dtype=bf16) is used in fp32
@@ -126,6 +126,11 @@ class SubspaceAdam(ParamwiseOptimizer):
             W.mul_(1 - lr * wd)
         delta = self.update(p, group, state, G, R, N, P, Q, side, lr * factor)
         W.sub_((delta if rows is None else delta[rows]).to(W.dtype))
+
+    def refresh_due(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
+        """Whether this step chooses a new basis: at steps 0, T, 2T, ... of the weight (Q-GaLore's lazy
+        refresh lengthens each weight's own gap)."""
+        return state["step"] % group["update_proj_gap"] == 0
 
     def refresh(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], G: torch.Tensor,
                 side: str, rank: int) -> None:

@@ -1,7 +1,8 @@
 """The training loop: it wires the built parts together and calls the method's hooks.
 
 It never asks which method is running. One optimizer update (:meth:`Trainer.train_step`) is:
-fetch the step's micro-batches, set the LR (schedule x method factor), forward + backward each (loss
+fetch the step's micro-batches, set the LR (schedule x method factor), ``method.before_step``, forward +
+backward each (loss
 normalised by the step's target tokens, so the update does not depend on how the batch is split),
 clip, guard against non-finite values, step, ``method.after_step``. With per-layer updates
 (:mod:`lrpretrain.train.per_layer`) the last backward clips, guards and steps each parameter itself.
@@ -129,6 +130,8 @@ class Trainer:
         factor = lr_factor(step, self.cfg.optim, self.tcfg.max_steps) * self.method.lr_factor(step)
         for group in self.optimizer.param_groups:  # before any backward: per-layer updates step inside one
             group["lr"] = group["initial_lr"] * factor
+        self.method.before_step(StepContext(step, self.model, self.optimizer, self.cfg.optim.lr * factor, math.nan,
+                                            micro_batches=self.accum_steps))
 
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         strategy = self.strategy
