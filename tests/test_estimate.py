@@ -17,8 +17,9 @@ from lrpretrain.train import load_config
 from lrpretrain.train.recompute import apply_recompute
 
 BUILTIN = ["full", "galore", "galore_dct", "fira", "apollo", "apollo_mini", "frugal", "lowrank", "lora", "relora",
-           "periodic_lora", "sltrain", "switchlora", "sst", "cola", "cola_m", "crnet"]
-HAS_RANK = {"lowrank", "lora", "relora", "periodic_lora", "sltrain", "switchlora", "sst", "cola", "cola_m", "crnet"}
+           "periodic_lora", "sltrain", "switchlora", "sst", "cola", "cola_m", "crnet", "lr_qat"]
+HAS_RANK = {"lowrank", "lora", "relora", "periodic_lora", "sltrain", "switchlora", "sst", "cola", "cola_m", "crnet",
+            "lr_qat"}
 SMALL = ["model=llama_tiny", "data.seq_len=64", "trainer.batch_size=2", "trainer.micro_batch_size=2",
          "trainer.threads=1"]
 
@@ -91,6 +92,9 @@ MEASURED = [
      "trainer.precision=pure_bf16"],
     ["method=lora", "method.rank=16", "trainer.precision=pure_bf16", "trainer.bf16_update=kahan"],
     ["method=cola_m", "method.rank=32", "trainer.precision=pure_bf16", "trainer.recompute=full"],
+    # int8 codes in the weights, the rebuilt weight's temporaries in the backward (module_temp_bytes)
+    ["method=lr_qat", "method.rank=16", "method.train_rest=false"],
+    ["method=lr_qat", "method.rank=16", "trainer.precision=pure_bf16", "trainer.per_layer_update=true"],
 ]
 
 

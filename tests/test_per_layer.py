@@ -72,6 +72,7 @@ METHODS = {
     "sst": ["method=sst", "method.rank=8", "method.round_steps=2"],
     "cola": ["method=cola", "method.rank=8"],
     "crnet": ["method=crnet", "method.rank=8"],
+    "lr_qat": ["method=lr_qat", "method.rank=8"],  # A, B and the scales' own group (its own LR)
 }
 
 

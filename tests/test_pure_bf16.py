@@ -25,9 +25,9 @@ from lrpretrain.train import build_trainer, load_config
 from conftest import TINY, losses, read_metrics
 
 BUILTIN = ["full", "galore", "galore_dct", "fira", "apollo", "apollo_mini", "frugal", "lowrank", "lora", "relora",
-           "periodic_lora", "sltrain", "switchlora", "sst", "cola", "cola_m", "crnet"]
+           "periodic_lora", "sltrain", "switchlora", "sst", "cola", "cola_m", "crnet", "lr_qat"]
 RANKED = {"galore", "galore_dct", "fira", "apollo", "lowrank", "lora", "relora", "periodic_lora", "sltrain",
-          "switchlora", "sst", "cola", "cola_m", "crnet"}
+          "switchlora", "sst", "cola", "cola_m", "crnet", "lr_qat"}
 PURE = ["trainer.precision=pure_bf16"]
 SMALL = ["model=llama_tiny", "data.seq_len=32", "trainer.batch_size=2", "trainer.micro_batch_size=2",
          "trainer.threads=1", "data.val_tokens=0", "trainer.eval_at_start=false", "logging.progress=none"]

@@ -1,4 +1,4 @@
-"""lowrank, lora, relora, periodic_lora and sltrain through the real CLI: they learn, resume bit for bit
+"""lowrank, lora, relora, periodic_lora, sltrain and lr_qat through the real CLI: they learn, resume bit for bit
 from a stop between merges, reject bad values with one line, and ReLoRA's warm start and first update."""
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ CASES = {
     "periodic_lora_momentum": ("periodic_lora", ["method.rank=16", "method.unload_every=4", "method.unload=momentum",
                                                  "method.momentum=0.3"]),
     "sltrain": ("sltrain", ["method.rank=16", "method.delta=0.05"]),
+    "lr_qat": ("lr_qat", ["method.rank=16"]),  # no merges: the resume lands between ordinary updates
 }
 COMMON = [*TINY, "trainer.max_steps=12", "optim.lr=0.005", "trainer.ckpt_every=100", "trainer.eval_at_start=true"]
 

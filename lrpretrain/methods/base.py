@@ -182,7 +182,10 @@ class Method:
         ``lrpretrain estimate``: ``buffer_bytes`` (every non-parameter tensor of the model; default:
         the RoPE tables), ``method_state_bytes`` (tensors the plugin holds outside the model and the
         optimizer), ``largest_trainable`` (entries of the largest trainable tensor; default: the
-        embedding's).
+        embedding's), ``quantized_params`` (entries of ``params`` stored as integer codes in buffers,
+        not as parameters: their bytes are in ``buffer_bytes``; default 0), ``autocast_params`` (entries
+        of the weights that bf16 autocast casts and keeps a bf16 copy of; default: every parameter but
+        the embedding's).
         """
         n = param_count(model_cfg)
         return {"params": float(n), "trainable_params": float(n), "flops_per_token": flops_per_token(model_cfg, seq_len)}
@@ -203,6 +206,12 @@ class Method:
         largest = self.cost(model_cfg, 1).get("largest_trainable", largest_trainable(model_cfg))
         bits = min(optim_cfg.state_bits, getattr(self.cfg, "state_bits", 32))
         return elementwise_temp_bytes(float(largest), bits, precision)
+
+    def module_temp_bytes(self, model_cfg: ModelConfig, precision: str) -> float:
+        """Bytes of the temporaries one of the method's modules holds while its forward or backward runs
+        (a weight rebuilt from quantized codes), beside nearly every activation (for ``lrpretrain
+        estimate``). Default: none beyond a plain matmul's."""
+        return 0.0
 
     def activation_bytes(self, model_cfg: ModelConfig, recompute: str, recompute_every: int, precision: str) -> float:
         """Bytes per token that the decoder layers keep for the backward after a forward (all layers;
