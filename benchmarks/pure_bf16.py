@@ -55,16 +55,18 @@ def machine() -> dict:
     return base_machine()
 
 
-def measure(names: list[str]) -> dict:
+def measure(names: list[str], table: dict[str, list[str]] | None = None) -> dict:
+    """One measured update per named row of ``table`` (default: :data:`MEASURE`) against its estimate."""
     from lrpretrain.bench import bench
 
+    table = MEASURE if table is None else table
     out = {}
     for name in names:
         load0 = os.getloadavg()
         t0 = time.perf_counter()
-        r = bench(MEASURE[name], warmup=0, steps=1)
+        r = bench(table[name], warmup=0, steps=1)
         e = r["estimate"]
-        out[name] = {"overrides": MEASURE[name], "wall_s": time.perf_counter() - t0, "loadavg": [load0, os.getloadavg()],
+        out[name] = {"overrides": table[name], "wall_s": time.perf_counter() - t0, "loadavg": [load0, os.getloadavg()],
                      "measured": {k: r.get(k) for k in ("peak_bytes", "param_bytes", "buffer_bytes",
                                                          "optimizer_state_bytes", "peak_grad_bytes", "activation_bytes",
                                                          "other_at_peak", "step_s")},

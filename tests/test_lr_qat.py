@@ -16,7 +16,14 @@ from torch import nn
 
 from lrpretrain.export import hf_name
 from lrpretrain.methods import get_method
-from lrpretrain.methods.lr_qat import LRQATLinear, fake_quantize, initial_scales, latent, lr_qat_modules, to_container
+from lrpretrain.methods.lr_qat import (
+    LRQATLinear,
+    fake_quantize,
+    initial_scales,
+    latent,
+    lr_qat_modules,
+    to_container,
+)
 from lrpretrain.model import build_model
 from lrpretrain.train import build_trainer, load_config
 from lrpretrain.train.trained import load_trained
@@ -279,6 +286,30 @@ def test_train_rest_false_trains_only_the_factors_and_scales():
     # every parameter plus the quantized entries: what cost() reports as the model's size
     quantized = sum(b.numel() for n, b in model.named_buffers() if n.endswith(".phi"))
     assert sum(p.numel() for p in model.parameters()) + quantized == plugin.cost(cfg.model, 64)["params"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "pure_bf16"])
+def test_activation_model_with_the_rest_frozen(precision):
+    """train_rest=false: frozen norms, embedding and head save less; the formula equals the saved bytes,
+    with and without block checkpointing (every block, every second block)."""
+    from lrpretrain.estimate import outside_layers_bytes
+    from lrpretrain.methods.toolkit import saved_activation_bytes
+    from lrpretrain.model import cast_parameters, lm_loss
+    from lrpretrain.train.recompute import apply_recompute
+
+    for recompute, every in [("none", 1), ("full", 1), ("full", 2)]:
+        cfg, _ = load_config(["model=llama_tiny", "model.n_layers=3", "method=lr_qat", "method.rank=8",
+                              "method.train_rest=false", "method.scale_init=minmax", "data.seq_len=32"])
+        plugin = get_method("lr_qat")(cfg.method, cfg.model)
+        torch.manual_seed(0)
+        model = plugin.prepare_model(build_model(cfg.model))
+        if precision == "pure_bf16":
+            cast_parameters(model, torch.bfloat16)
+        apply_recompute(model, recompute, every, plugin)
+        ids = torch.randint(0, cfg.model.vocab_size, (2, 32))
+        _, saved = saved_activation_bytes(model, lambda m=model, x=ids: lm_loss(m(x), x)[0])
+        per_token = plugin.activation_bytes(cfg.model, recompute, every, precision) + outside_layers_bytes(cfg.model, 32, precision)
+        assert 2 * 32 * per_token == pytest.approx(saved, rel=1e-4), (recompute, every)
 
 
 # -- bad values ---------------------------------------------------------------------------------------------

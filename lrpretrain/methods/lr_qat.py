@@ -68,7 +68,6 @@ Choices where the paper is silent, and differences from the reference, on purpos
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -83,7 +82,7 @@ from lrpretrain.methods.relora import check_warm_start_fits, load_warm_start, wa
 from lrpretrain.methods.targets import TargetsConfig
 from lrpretrain.methods.toolkit import check_rank_for_model, kaiming_uniform_, reparameterize, target_shapes
 from lrpretrain.model.llama import flops_per_token, param_count
-from lrpretrain.model.memory import activation_itemsize, rope_bytes
+from lrpretrain.model.memory import activation_itemsize, residual_itemsize, rope_bytes
 from lrpretrain.optim.memory import moment_pair_bytes
 
 if TYPE_CHECKING:
@@ -93,6 +92,7 @@ CONTAINERS = {"int8": torch.int8, "bf16": torch.bfloat16, "fp32": torch.float32}
 SCALE_INITS = ("lp", "minmax")
 SCALE_EPS = 1e-8  # the smallest scale the forward uses (the reference's quantiser clamps at its eps)
 CHUNK = 1 << 22  # entries per piece of the scale search (bounds its temporaries)
+ROW_CHUNK = 1 << 20  # entries per piece of the scales' gradient in the backward
 
 
 # -- the integer grid and its container (the quantisation helpers of this method) ------------------------
@@ -154,11 +154,13 @@ def to_container(phi: torch.Tensor, bits: int, container: str) -> torch.Tensor:
 
 
 def latent(phi: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, unit: float) -> torch.Tensor:
-    """Z = Φ₀ + (α/r)·B·A as a new fp32 (m, n) tensor (the only full-size fp32 temporary)."""
-    z = torch.mm(B.float(), A.float())
-    if scaling != 1.0:
-        z.mul_(scaling)
-    return z.add_(phi, alpha=unit) if phi.dtype == torch.int8 else z.add_(phi.float(), alpha=unit)
+    """Z = Φ₀ + (α/r)·B·A as a new fp32 (m, n) tensor, the only full-size fp32 temporary: Φ₀'s fp32
+    copy, scaled to its value, then B·A accumulated into it by one in-place GEMM (mixed-dtype in-place
+    arithmetic on the CPU would add a converted full-size copy)."""
+    z = phi.float()
+    if unit != 1.0:
+        z.mul_(unit)
+    return z.addmm_(B.float(), A.float(), alpha=scaling)
 
 
 def integer_weight(phi: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, unit: float,
@@ -168,12 +170,20 @@ def integer_weight(phi: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling:
     return latent(phi, A, B, scaling, unit).round_().clamp_(qmin, qmax)
 
 
+def row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_j a_ij b_ij per row in fp32, in pieces of :data:`ROW_CHUNK` entries (no full-size product or copy)."""
+    rows = max(1, ROW_CHUNK // max(a.shape[1], 1))
+    return torch.cat([(a[i:i + rows].float() * b[i:i + rows].float()).sum(dim=1) for i in range(0, a.shape[0], rows)])
+
+
 class LRQATWeight(torch.autograd.Function):
     """y = x Ŵᵀ with Ŵ = s · clamp(round_STE(Φ₀ + c·B·A)) rebuilt in the forward and again in the backward:
     only x is saved (Φ₀, A, B, s are the module's own tensors).
 
     Gradients, with G = gyᵀ x (m x n) and the mask M = [q_min <= round(Z) <= q_max]:
-    dx = gy Ŵ; ds_i = Σ_j G_ij W_int_ij (where s_i >= eps); dZ = (s ⊙ G) ⊙ M; dB = c · dZ Aᵀ; dA = c · Bᵀ dZ.
+    dx = (gy · diag(s)) W_int; ds_i = Σ_j G_ij W_int_ij (where s_i >= eps); dZ = (s ⊙ G) ⊙ M;
+    dB = c · dZ Aᵀ; dA = c · Bᵀ dZ. Full-size temporaries: the fp32 Z (then W_int, then dZ), the bool
+    mask, and one matrix of the compute dtype (W_int for dx, then G); in the forward Z and Ŵ.
     """
 
     @staticmethod
@@ -184,13 +194,9 @@ class LRQATWeight(torch.autograd.Function):
         with torch.autocast(device, enabled=False):
             xc = x.to(dtype)  # under autocast the bf16 copy of the input, as autocast's own linear makes and saves
             scaling, unit, bits = spec
-            w = integer_weight(phi, A, B, scaling, unit, bits)
-            s_eff = s.clamp(min=SCALE_EPS)[:, None]
-            if dtype == torch.float32:
-                w.mul_(s_eff)
-            else:  # one rounding of the exact fp32 product into the compute dtype
-                w = torch.mul(w, s_eff, out=torch.empty(w.shape, dtype=dtype, device=w.device))
-            y = F.linear(xc, w)
+            w = integer_weight(phi, A, B, scaling, unit, bits).mul_(s.clamp(min=SCALE_EPS)[:, None])
+            y = F.linear(xc, w.to(dtype))  # bf16: one rounding of the exact fp32 product
+            del w
         ctx.save_for_backward(xc, phi, A, B, s)
         ctx.spec, ctx.x_dtype = spec, x.dtype
         return y
@@ -204,23 +210,18 @@ class LRQATWeight(torch.autograd.Function):
         with torch.autocast(gy.device.type, enabled=False):
             gy = gy.to(dtype)
             z = latent(phi, A, B, scaling, unit).round_()
-            inside = (z >= qmin).logical_and_(z <= qmax)  # the clamp's interior: the STE passes there
+            outside = (z < qmin).logical_or_(z > qmax)  # the STE passes the gradient inside the clamp only
             z.clamp_(qmin, qmax)  # W_int
             s_eff = s.clamp(min=SCALE_EPS)
             gx = None
-            if ctx.needs_input_grad[0]:
-                if dtype == torch.float32:  # (gy · diag(s)) W_int: no m x n temporary
-                    gx = torch.matmul(gy * s_eff.float(), z)
-                else:
-                    w = torch.mul(z, s_eff[:, None], out=torch.empty(z.shape, dtype=dtype, device=z.device))
-                    gx = torch.matmul(gy, w)
-                    del w
-                gx = gx.to(ctx.x_dtype)
+            if ctx.needs_input_grad[0]:  # (gy · diag(s)) W_int; W_int is exact in bf16 (integers <= 128)
+                gs_y = gy * s_eff.to(dtype)
+                gx = torch.matmul(gs_y, z if dtype == torch.float32 else z.to(dtype)).to(ctx.x_dtype)
+                del gs_y
             g = torch.mm(gy.reshape(-1, gy.shape[-1]).t(), xc.reshape(-1, xc.shape[-1]))  # G = gyᵀ x
-            gs = z.mul_(g).sum(dim=1)  # Σ_j G_ij W_int_ij (z is free after this)
-            gs.mul_(s >= SCALE_EPS)
-            dz = torch.mul(g, s_eff[:, None], out=z).mul_(inside)  # (s ⊙ G) ⊙ M, fp32, in z's storage
-            del g, inside
+            gs = row_dots(g, z).mul_(s >= SCALE_EPS)  # Σ_j G_ij W_int_ij
+            dz = z.copy_(g).mul_(s_eff[:, None]).masked_fill_(outside, 0.0)  # (s ⊙ G) ⊙ M, fp32, in z's storage
+            del g, outside
             gB = torch.mm(dz, A.float().t()).mul_(scaling)
             gA = torch.mm(B.float().t(), dz).mul_(scaling)
         return gx, None, gA.to(A.dtype), gB.to(B.dtype), gs.to(s.dtype), None
@@ -372,9 +373,26 @@ class LRQAT(Method):
         bits = optim_cfg.state_bits
         return sum(moment_pair_bytes(t, bits) + 4.0 for t in tensors)
 
+    def activation_bytes(self, model_cfg: ModelConfig, recompute: str, recompute_every: int, precision: str) -> float:
+        """A plain block's (the autograd function saves the input the plain linear saves), less, with
+        ``train_rest=false``, what frozen norms, embedding and head leave unsaved (measured on torch 2.13,
+        tests/test_lr_qat.py): each RMSNorm's normalised value (kept for its weight's gradient), in the
+        first block (whose input needs no gradient) also its norm's fp32 input copy and 1/rms, the LM
+        head's input, and two fp32 values per token; checkpointed blocks save their input either way."""
+        total = super().activation_bytes(model_cfg, recompute, recompute_every, precision)
+        if self.cfg.train_rest:
+            return total
+        d, res, act = model_cfg.dim, residual_itemsize(precision), activation_itemsize(precision)
+        unsaved = (res + act) * d + 8.0
+        for i in range(model_cfg.n_layers):
+            if recompute == "none" or i % recompute_every:
+                unsaved += 2 * res * d + (4.0 * d + 4.0 if i == 0 else 0.0)
+        return total - unsaved
+
     def module_temp_bytes(self, model_cfg: ModelConfig, precision: str) -> float:
-        """The rebuild of the largest target's Ŵ in the backward: the fp32 latent Z / W_int, the bool mask
-        of the clamp's interior, and one m x n matrix of the compute dtype (Ŵ for dx, then G = gyᵀx);
-        the forward holds less (Z and Ŵ; in fp32 Ŵ is Z scaled in place)."""
+        """The rebuild of the largest target's Ŵ in the backward (:class:`LRQATWeight`): the fp32 latent Z
+        (then W_int, then dZ), the bool mask, and one m x n matrix of the compute dtype (W_int for dx, then
+        G = gyᵀx); the forward holds less (Z and Ŵ; in fp32 Ŵ is Z scaled in place)."""
         mn = max(m * n for m, n in self._targets(model_cfg))
-        return float(mn * (4 + 1 + activation_itemsize(precision)))
+        pieces = min(mn, ROW_CHUNK) * (4.0 + (4.0 if precision != "fp32" else 0.0))  # row_dots: a product (+ G's fp32 copy)
+        return float(mn * (4 + 1 + activation_itemsize(precision))) + pieces
