@@ -118,13 +118,17 @@ def write(name: str, what: str, runs: dict, command: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", choices=("estimate", "measure"))
-    ap.add_argument("--runs", nargs="*", default=list(MEASURE), help=f"measure: which of {list(MEASURE)}")
+    ap.add_argument("--runs", nargs="*", default=list(MEASURE),
+                    help=f"measure: which of {list(MEASURE)} (the others' recorded rows are kept)")
     args = ap.parse_args()
     command = "python benchmarks/lr_qat.py " + " ".join(sys.argv[1:])
     if args.what == "estimate":
         write("lr_qat_7b", "estimate", estimates(), command)
     else:
-        write("lr_qat_7b_width_cpu", "measure", measure(args.runs), command)
+        old = RESULTS / "lr_qat_7b_width_cpu.json"  # rows measured earlier stay unless measured again
+        runs = json.loads(old.read_text())["runs"] if old.exists() else {}
+        runs.update(measure(args.runs))
+        write("lr_qat_7b_width_cpu", "measure", {k: runs[k] for k in MEASURE if k in runs}, command)
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ def estimate(cfg: Config, budget: float | None = None, precision: str | None = N
     activations = saved + cast
     fwd_t, bwd_t = (tokens * x for x in loss_transient_bytes(mc, T, precision))
     earlier = all_grads if accum > 1 else 0.0  # gradients of the earlier micro-batches, held meanwhile
-    head_grad = wb * mc.vocab_size * mc.dim
+    head_grad = wb * cost.get("head_grad_params", mc.vocab_size * mc.dim)  # 0 when a method freezes the head
     # the costliest single-parameter step: the optimizer's temporaries (under pure bf16 with the fp32
     # working copies of the weight and its gradient that the step runs on, lrpretrain/optim/bf16.py)
     step_temp = float(plugin.step_temp_bytes(mc, cfg.optim, precision))

@@ -185,7 +185,8 @@ class Method:
         embedding's), ``quantized_params`` (entries of ``params`` stored as integer codes in buffers,
         not as parameters: their bytes are in ``buffer_bytes``; default 0), ``autocast_params`` (entries
         of the weights that bf16 autocast casts and keeps a bf16 copy of; default: every parameter but
-        the embedding's).
+        the embedding's), ``head_grad_params`` (entries of the LM head's gradient; default V·d, 0 for a
+        frozen head).
         """
         n = param_count(model_cfg)
         return {"params": float(n), "trainable_params": float(n), "flops_per_token": flops_per_token(model_cfg, seq_len)}

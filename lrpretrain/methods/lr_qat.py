@@ -134,14 +134,14 @@ def initial_scales(w: torch.Tensor, bits: int, how: str = "lp", p: float = 4.0, 
     for i in range(0, w.shape[0], rows):
         block, top = w[i:i + rows], absmax[i:i + rows]
         best = torch.full_like(top, float("inf"))
-        chosen = torch.ones_like(top)
+        chosen = torch.empty_like(top)
         for k in range(1, candidates + 1):
             s = (top * (k / candidates) / qmax).clamp_(min=SCALE_EPS)
             err = fake_quantize(block, s, bits).sub_(block).abs_().pow_(p).sum(dim=1)
             better = err < best
             best = torch.where(better, err, best)
-            chosen = torch.where(better, torch.full_like(chosen, k), chosen)
-        out[i:i + rows] = (top * chosen / candidates / qmax).clamp_(min=SCALE_EPS)
+            chosen = torch.where(better, s, chosen)
+        out[i:i + rows] = chosen
     return out
 
 
@@ -362,7 +362,8 @@ class LRQAT(Method):
         return {"params": dense + adapters, "trainable_params": (dense - quantized if c.train_rest else 0.0) + adapters,
                 "flops_per_token": flops, "quantized_params": quantized,
                 "buffer_bytes": rope_bytes(model_cfg) + itemsize * quantized,
-                "autocast_params": float(V * d + (2 * L + 1) * d), "largest_trainable": float(largest)}
+                "autocast_params": float(V * d + (2 * L + 1) * d), "largest_trainable": float(largest),
+                "head_grad_params": float(V * d if c.train_rest else 0)}
 
     def optimizer_state_bytes(self, model_cfg: ModelConfig, optim_cfg: OptimConfig) -> float:
         """AdamW tensor by tensor: A, B and s of every target; embeddings, head and norms if trained."""
