@@ -1,6 +1,6 @@
-"""lowrank, lora, relora, periodic_lora, sltrain, lost and gradnorm_lorp through the real CLI: they learn,
-resume bit for bit from a stop between merges (GradNormLoRP: between subspace refreshes), reject bad values
-with one line, and ReLoRA's warm start and first update."""
+"""lowrank, lora, relora, periodic_lora, sltrain, lost, gradnorm_lorp and lr_qat through the real CLI: they
+learn, resume bit for bit from a stop between merges (GradNormLoRP: between subspace refreshes), reject bad
+values with one line, and ReLoRA's warm start and first update."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ CASES = {
     "lost": ("lost", ["method.rank=16", "method.sparsity=0.1"]),
     # subspace refreshes at updates 0, 4, 8: the stop after 6 is mid-cycle
     "gradnorm_lorp": ("gradnorm_lorp", ["method.rank=16", "method.update_proj_gap=4"]),
+    "lr_qat": ("lr_qat", ["method.rank=16"]),  # no merges: the resume lands between ordinary updates
 }
 COMMON = [*TINY, "trainer.max_steps=12", "optim.lr=0.005", "trainer.ckpt_every=100", "trainer.eval_at_start=true"]
 
