@@ -11,9 +11,7 @@ same overrides: seed, data order, batch, sequence length, steps, LR schedule, va
 METHOD:KEY=VALUE`` adds an override for one method only; ``--methods ROW=METHOD`` runs a method a
 second time under another row name (its own ``--set ROW:...``, e.g. a warm start from an earlier row's
 checkpoint kept with ``--keep``). For each method the table gives the final
-validation perplexity, the trainable and total parameters (counted on the built model), the bytes of
-the model's weights (parameters and buffers, e.g. quantized codes, as built) and of the optimizer state
-(every tensor of the final checkpoint's), the median
+validation perplexity, the trainable and total parameters (counted on the built model), the median
 step time and tokens/s over the updates after ``--skip`` warm-up updates, and the analytic training
 FLOPs per token of the method's ``cost()``, and the bytes of the weights (parameters and buffers:
 quantized codes included) and of the optimizer's state, measured on the run's last checkpoint.
@@ -61,18 +59,7 @@ def count_parameters(overrides: list[str]) -> dict[str, int]:
     model = plugin.prepare_model(build_model(cfg.model))
     counts = parameter_counts(model)
     cost = plugin.cost(cfg.model, cfg.data.seq_len)
-    weight_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in (*model.parameters(), *model.buffers())}.values())
-    return {"params": counts["total"], "trainable_params": counts["trainable"], "weight_bytes": weight_bytes,
-            "flops_per_token": cost["flops_per_token"]}
-
-
-def optimizer_state_bytes(run_dir: Path) -> int:
-    """Bytes of every tensor in the optimizer state of the run's last checkpoint."""
-    import torch
-
-    last = (run_dir / "checkpoints" / "latest").read_text().strip()
-    state = torch.load(run_dir / "checkpoints" / last / "train_state.pt", weights_only=True)["optimizer"]["state"]
-    return sum(t.numel() * t.element_size() for s in state.values() for t in s.values() if isinstance(t, torch.Tensor))
+    return {"params": counts["total"], "trainable_params": counts["trainable"], "flops_per_token": cost["flops_per_token"]}
 
 
 def method_overrides(method: str, rank: int | None, extra: dict[str, list[str]]) -> list[str]:
