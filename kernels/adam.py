@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from lrpretrain.kernels.triton_support import cdiv, tl, triton
+from lrpretrain.kernels.triton_support import cdiv, interpreting, tl, triton
 
 QBLOCK = 256  # entries per 8-bit absmax block (bitsandbytes' blockwise optimizer states)
 FORMS = {"adamw": 0, "direction": 1}
@@ -91,22 +91,25 @@ def _quantize(x, qmap_ptr):
 
 
 @triton.jit
-def _requantize(y, codes_ptr, absmax_ptr, qmap_ptr, offs, mask, block):
-    """A block's new absmax and codes (bitsandbytes' kQuantizeBlockwise: x·(1/absmax), then dQuantize)."""
-    absmax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0)
-    code = _quantize(y * tl.math.div_rn(1.0, absmax), qmap_ptr)
+def _requantize(y, codes_ptr, absmax_ptr, qmap_ptr, offs, mask, blocks, bmask):
+    """Each row's new absmax and codes (a row is one 256-entry block; bitsandbytes' kQuantizeBlockwise:
+    x·(1/absmax), then dQuantize)."""
+    absmax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=1)
+    code = _quantize(y * tl.math.div_rn(1.0, absmax)[:, None], qmap_ptr)
     tl.store(codes_ptr + offs, code.to(tl.uint8), mask=mask)
-    tl.store(absmax_ptr + block, absmax)
+    tl.store(absmax_ptr + blocks, absmax, mask=bmask)
 
 
 @triton.jit
 def _adam_kernel(w_ptr, g_ptr, m_ptr, v_ptr, m_abs_ptr, v_abs_ptr, qmap_m_ptr, qmap_v_ptr, bits_ptr, comp_ptr, n,
                  lerp_w, beta2, c2, eps, decay, step, denom_scale,
                  FORM: tl.constexpr, DECAY: tl.constexpr, Q8: tl.constexpr, W_BF16: tl.constexpr,
-                 G_BF16: tl.constexpr, RULE: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
+                 G_BF16: tl.constexpr, RULE: tl.constexpr, ROWS: tl.constexpr, QB: tl.constexpr):
+    """One program: ROWS x QB entries (with 8-bit moments a row is one absmax block of QB = 256)."""
+    blocks = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    offs = blocks[:, None] * QB + tl.arange(0, QB)[None, :]
     mask = offs < n
+    bmask = blocks * QB < n
     if W_BF16:
         x = _bf16_to_f32(tl.load(w_ptr + offs, mask=mask, other=0))
         if RULE == 2:
@@ -117,9 +120,11 @@ def _adam_kernel(w_ptr, g_ptr, m_ptr, v_ptr, m_abs_ptr, v_abs_ptr, qmap_m_ptr, q
         g = _bf16_to_f32(tl.load(g_ptr + offs, mask=mask, other=0))
     else:
         g = tl.load(g_ptr + offs, mask=mask, other=0.0)
-    if Q8:  # one program per block of QBLOCK entries: one absmax each
-        m = tl.load(qmap_m_ptr + tl.load(m_ptr + offs, mask=mask, other=0).to(tl.int32)) * tl.load(m_abs_ptr + pid)
-        v = tl.load(qmap_v_ptr + tl.load(v_ptr + offs, mask=mask, other=0).to(tl.int32)) * tl.load(v_abs_ptr + pid)
+    if Q8:
+        m_abs = tl.load(m_abs_ptr + blocks, mask=bmask, other=0.0)[:, None]
+        v_abs = tl.load(v_abs_ptr + blocks, mask=bmask, other=0.0)[:, None]
+        m = tl.load(qmap_m_ptr + tl.load(m_ptr + offs, mask=mask, other=0).to(tl.int32)) * m_abs
+        v = tl.load(qmap_v_ptr + tl.load(v_ptr + offs, mask=mask, other=0).to(tl.int32)) * v_abs
     else:
         m = tl.load(m_ptr + offs, mask=mask, other=0.0)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0)
@@ -136,8 +141,8 @@ def _adam_kernel(w_ptr, g_ptr, m_ptr, v_ptr, m_abs_ptr, v_abs_ptr, qmap_m_ptr, q
     else:  # p.add_(m / denom, alpha=step)
         x = tl.fma(tl.math.div_rn(m, denom), step, x)
     if Q8:
-        _requantize(m, m_ptr, m_abs_ptr, qmap_m_ptr, offs, mask, pid)
-        _requantize(v, v_ptr, v_abs_ptr, qmap_v_ptr, offs, mask, pid)
+        _requantize(m, m_ptr, m_abs_ptr, qmap_m_ptr, offs, mask, blocks, bmask)
+        _requantize(v, v_ptr, v_abs_ptr, qmap_v_ptr, offs, mask, blocks, bmask)
     else:
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)
@@ -193,18 +198,18 @@ def fused_adam_step(w: torch.Tensor, g: torch.Tensor, constants: dict[str, Any],
     n = w.numel()
     if n == 0:
         return
-    block = QBLOCK if q8 else 1024
+    rows = 1024 if interpreting() else 16  # entries per program: 4096 on a GPU; the interpreter pays per program
     c = constants
     decay = c["decay"]
     dummy = w  # pointer arguments a variant does not read
-    _adam_kernel[(cdiv(n, block),)](
+    _adam_kernel[(cdiv(n, rows * QBLOCK),)](
         _as_bits(w), _as_bits(g), m_codes if q8 else m, v_codes if q8 else v,
         m_absmax if q8 else dummy, v_absmax if q8 else dummy, qmap_m if q8 else dummy, qmap_v if q8 else dummy,
         bits if bits is not None else dummy, _as_bits(comp) if comp is not None else dummy, n,
         float(c["lerp_weight"]), float(c["beta2"]), float(c["c2"]), float(c["eps"]),
         1.0 if decay is None else float(decay), float(c["step"]), float(c["denom_scale"]),
         FORM=FORMS[c["form"]], DECAY=decay is not None, Q8=q8, W_BF16=w.dtype == torch.bfloat16,
-        G_BF16=g.dtype == torch.bfloat16, RULE=RULES[rule], BLOCK=block)
+        G_BF16=g.dtype == torch.bfloat16, RULE=RULES[rule], ROWS=rows, QB=QBLOCK)
 
 
 # -- the reference ------------------------------------------------------------------------------------------

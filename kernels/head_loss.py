@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from lrpretrain.kernels.triton_support import cdiv, next_power_of_2
+from lrpretrain.paths import unshadow_pypi_kernels
 
 IMPLS = ("full", "chunked", "liger")
 IGNORE = -100
@@ -104,7 +105,9 @@ def _chunked(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, need_
 
 
 def _liger(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, need_h: bool, need_w: bool):
-    # imported on first use: an optional dependency (the [kernels] extra), checked by liger_refusal()
+    # imported on first use: an optional dependency (the [kernels] extra, checked by liger_refusal()) that
+    # imports transformers (seconds), which imports the PyPI package `kernels`
+    unshadow_pypi_kernels()
     from liger_kernel.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_forward
 
     h_in = h if need_h or need_w else h.detach()  # liger computes gradients when its input requires them
@@ -154,6 +157,7 @@ def liger_head_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor)
 
 def liger_refusal() -> str | None:
     """Why liger-kernel's fused linear cross-entropy cannot be used here, or None."""
+    unshadow_pypi_kernels()
     try:
         from liger_kernel.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_forward  # noqa: F401
     except Exception as e:  # noqa: BLE001 - missing, or broken against this torch/triton
@@ -176,8 +180,9 @@ def fused_loss_bytes(impl: str, tokens: int, dim: int, vocab: int, precision: st
     matmul's dtype, their fp32 copy (the same tensor in fp32) and the gradient cast back to the matmul's
     dtype, and under bf16 one vocab x dim bf16 product of ∂W's update; ``liger`` holds the logits in the
     matmul's dtype only (its kernel writes the gradient over them) and the per-row losses. Under pure
-    bf16, ∂W is accumulated in fp32 and cast at the end (4 more bytes per entry of W). Backward: the
-    scaled copy of ∂h.
+    bf16, ∂W is accumulated in fp32 and cast at the end (4 more bytes per entry of W); under bf16
+    autocast the bf16 copy of W that autocast caches lives while the loss runs (nothing saves it).
+    Backward: the scaled copy of ∂h.
     """
     if impl not in ("chunked", "liger"):
         raise ValueError(f"fused_loss_bytes: '{impl}' is not a fused head loss")
@@ -192,4 +197,5 @@ def fused_loss_bytes(impl: str, tokens: int, dim: int, vocab: int, precision: st
     else:
         chunk = float(lb * rows * vocab + 5 * tokens)
     saved = float(hb * tokens * dim + wb * vocab * dim)
-    return saved, accumulator + chunk + lb * rows * dim, float(hb * tokens * dim)
+    cached = 2.0 * vocab * dim if precision == "bf16" else 0.0  # autocast's bf16 copy of W, while the loss runs
+    return saved, accumulator + cached + chunk + lb * rows * dim, float(hb * tokens * dim)

@@ -154,28 +154,33 @@ def support_layout(index: torch.Tensor, m: int, n: int, cached: SupportLayout | 
 
 
 @triton.jit
-def _spmm_kernel(out_ptr, src_ptr, ptr_ptr, idx_ptr, perm_ptr, val_ptr, T, n,
-                 COLUMNS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
-    """out[i, t] += Σ_k val[k] · src[j_k, t] over the entries k of line i of S: a row (j_k = col_k), or
-    with COLUMNS a column (entries through ``perm``, j_k = row_k). out, src: (lines, T) contiguous."""
-    i = tl.program_id(0)
+def _spmm_kernel(out_ptr, src_ptr, ptr_ptr, idx_ptr, perm_ptr, val_ptr, lines, T, n,
+                 COLUMNS: tl.constexpr, L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """out[i, t] += Σ_k val[k] · src[j_k, t] over the entries k of line i of S, for L lines and BT tokens:
+    a line is a row (j_k = col_k), or with COLUMNS a column (its entries through ``perm``, j_k = row_k).
+    out, src: (lines, T) and (other dimension, T), contiguous."""
+    li = tl.program_id(0) * L + tl.arange(0, L)
+    lmask = li < lines
     t = tl.program_id(1) * BT + tl.arange(0, BT)
     tmask = t < T
-    start = tl.load(ptr_ptr + i)
-    end = tl.load(ptr_ptr + i + 1)
-    acc = tl.zeros((BT,), dtype=tl.float32)
-    for k0 in range(start, end, BK):
-        k = k0 + tl.arange(0, BK)
-        kmask = k < end
+    start = tl.load(ptr_ptr + li, mask=lmask, other=0)
+    end = tl.load(ptr_ptr + li + 1, mask=lmask, other=0)
+    longest = tl.max(end - start, axis=0)
+    acc = tl.zeros((L, BT), dtype=tl.float32)
+    for k0 in range(0, longest, BK):
+        k = start[:, None] + k0 + tl.arange(0, BK)[None, :]  # (L, BK) entries
+        kmask = k < end[:, None]
         if COLUMNS:
             k = tl.load(perm_ptr + k, mask=kmask, other=0)
         flat = tl.load(idx_ptr + k, mask=kmask, other=0)
         j = flat // n if COLUMNS else flat % n
         vals = tl.load(val_ptr + k, mask=kmask, other=0.0).to(tl.float32)
-        rows = tl.load(src_ptr + j[:, None] * T + t[None, :], mask=kmask[:, None] & tmask[None, :], other=0.0)
-        acc += tl.sum(vals[:, None] * rows.to(tl.float32), axis=0)
-    o = out_ptr + i * T + t
-    tl.store(o, (tl.load(o, mask=tmask, other=0.0).to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=tmask)
+        rows = tl.load(src_ptr + j[:, :, None] * T + t[None, None, :], mask=kmask[:, :, None] & tmask[None, None, :],
+                       other=0.0)
+        acc += tl.sum(vals[:, :, None] * rows.to(tl.float32), axis=1)
+    o = out_ptr + li[:, None] * T + t[None, :]
+    omask = lmask[:, None] & tmask[None, :]
+    tl.store(o, (tl.load(o, mask=omask, other=0.0).to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
@@ -195,19 +200,20 @@ def _sddmm_kernel(out_ptr, gT_ptr, xT_ptr, idx_ptr, nnz, T, n, BK: tl.constexpr,
     tl.store(out_ptr + k, acc.to(out_ptr.dtype.element_ty), mask=kmask)
 
 
-def _blocks() -> tuple[int, int]:
-    """(tokens, support entries) per program step: small under the interpreter, whose cost is per element."""
-    return (32, 16) if interpreting() else (128, 32)
+def _blocks() -> tuple[int, int, int]:
+    """(lines, tokens, support entries) per program step; large blocks under the interpreter, whose cost is
+    per program and per operation rather than per element."""
+    return (64, 128, 8) if interpreting() else (4, 64, 16)
 
 
 def spmm_(out: torch.Tensor, src: torch.Tensor, index: torch.Tensor, values: torch.Tensor, layout: SupportLayout,
           columns: bool) -> torch.Tensor:
     """out (lines x T) += S src (S's rows; ``columns``: Sᵀ src, S's columns); src is (m or n) x T."""
     lines, T = out.shape
-    bt, bk = _blocks()
+    bl, bt, bk = _blocks()
     ptr = layout.col_ptr if columns else layout.row_ptr
-    _spmm_kernel[(lines, cdiv(T, bt))](out, src, ptr, index, layout.perm, values, T, layout.n,
-                                       COLUMNS=columns, BT=bt, BK=bk)
+    _spmm_kernel[(cdiv(lines, bl), cdiv(T, bt))](out, src, ptr, index, layout.perm, values, lines, T, layout.n,
+                                                 COLUMNS=columns, L=bl, BT=bt, BK=bk)
     return out
 
 
@@ -216,7 +222,7 @@ def sddmm(gT: torch.Tensor, xT: torch.Tensor, index: torch.Tensor, n: int, dtype
     and xᵀ (n x T)."""
     nnz, T = index.numel(), gT.shape[1]
     out = torch.empty(nnz, dtype=dtype, device=gT.device)
-    bk, bt = (16, 32) if interpreting() else (64, 64)
+    bk, bt = (64, 128) if interpreting() else (64, 64)
     _sddmm_kernel[(cdiv(nnz, bk),)](out, gT, xT, index, nnz, T, n, BK=bk, BT=bt)
     return out
 

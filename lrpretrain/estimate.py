@@ -147,7 +147,10 @@ def estimate(cfg: Config, budget: float | None = None, precision: str | None = N
     per_token = layers + outside_layers_bytes(mc, T, precision, fused_loss=fused)
     saved = tokens * per_token
     embeddings = mc.vocab_size * mc.dim * (1 if mc.tie_embeddings else 2)
-    cast = autocast_weight_bytes(params - embeddings + mc.vocab_size * mc.dim) if precision == "bf16" else 0.0
+    # autocast's bf16 weight copies, saved by the matmuls; a fused loss saves not the head's (it lives in
+    # autocast's cache while the loss runs: a transient, fused_loss_bytes)
+    head = 0.0 if fused else mc.vocab_size * mc.dim
+    cast = autocast_weight_bytes(params - embeddings + head) if precision == "bf16" else 0.0
     if fused:
         loss_kept, fwd_t, bwd_t = fused_loss_bytes(kernels.head_loss, tokens, mc.dim, mc.vocab_size, precision)
         saved += loss_kept

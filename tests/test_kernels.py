@@ -449,3 +449,37 @@ def test_kernels_torch_is_the_plain_path_and_auto_on_the_cpu_chunks_the_loss(cor
             trainer.logger.close()
     for a, b in zip(grads["auto"], grads["torch"]):
         close(a, b, 1e-5)
+
+
+# -- training through the CLI ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@needs_triton
+@pytest.mark.parametrize("extra", [
+    # liger's loss and the Adam step with 8-bit moments and stochastic rounding into bf16 weights
+    ["method=full", "optim.state_bits=8", "trainer.precision=pure_bf16"],
+    ["method=sltrain", "method.rank=8", "method.targets=[mlp]"],  # the sparse op
+    ["method=cola", "method.rank=8"],  # the fused CoLA layer
+    ["method=cola_m", "method.rank=8", "method.targets=[attn]"],  # the encode kernel in CoLA-M's segments
+], ids=["full_8bit_pure_bf16", "sltrain", "cola", "cola_m"])
+def test_training_with_the_kernels_through_the_cli(cli, tmp_path, extra):
+    """A small llama (dim 64, tied embeddings, 2 x 32 tokens), 2 updates with trainer.kernels=triton against
+    the same run with torch: the same losses to the precision's accuracy."""
+    from conftest import losses
+
+    small = ["model.dim=64", "model.ffn_dim=172", "model.n_heads=2", "model.tie_embeddings=true", "data.seq_len=32",
+             "trainer.batch_size=2", "trainer.micro_batch_size=2", "trainer.max_steps=2", "trainer.ckpt_every=0",
+             "data.val_tokens=0"]
+    runs = {}
+    for k in ("torch", "triton"):
+        run = tmp_path / k
+        res = cli("train", *TINY, *small, *extra, f"trainer.kernels={k}", f"run.dir={run}")
+        assert res.code == 0, res.err
+        assert f"kernels {k}" in res.err
+        runs[k] = losses(run)
+    assert "kernels triton (loss: liger)" in res.err
+    tol = 2e-2 if "trainer.precision=pure_bf16" in extra else 1e-4
+    assert len(runs["triton"]) == 2 and all(math.isfinite(x) for x in runs["triton"].values())
+    for step, loss in runs["torch"].items():
+        assert abs(runs["triton"][step] - loss) <= tol * abs(loss), (step, runs)
