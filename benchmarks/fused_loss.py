@@ -55,6 +55,7 @@ def measure(model: str, micro_batch: int, seq_len: int, threads: int) -> dict:
                                                        "weights", "optimizer_states")}}
         print(f"{name}: measured peak {r['peak_bytes'] / MIB:,.0f} MiB, estimate {e['peak'] / MIB:,.0f} MiB "
               f"({100 * (r['peak_bytes'] / e['peak'] - 1):+.1f}%), step {r['step_s']:.2f} s", flush=True)
+    out["threads"] = threads
     full, chunked = out["torch"], out["auto"]
     out["saving"] = {
         "measured_bytes": full["measured"]["peak_bytes"] - chunked["measured"]["peak_bytes"],
@@ -67,13 +68,18 @@ def measure(model: str, micro_batch: int, seq_len: int, threads: int) -> dict:
 
 def write(data: dict, command: str, model: str) -> None:
     RESULTS.mkdir(exist_ok=True)
-    record = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), **data}
+    loads = [la for key in ("torch", "auto") for pair in data[key]["loadavg"] for la in pair[:1]]
+    record = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": {**machine(), "torch_threads": data["threads"], "loadavg_1min": loads,
+                          "note": f"shared machine, loaded by other jobs (1-min load average {min(loads):.1f}-"
+                                  f"{max(loads):.1f} on {os.cpu_count()} cores): step times are indicative only; "
+                                  "the memory figures do not depend on the load"}, **data}
     stem = RESULTS / f"fused_loss_{model}_cpu"
     stem.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str) + "\n")
     s = data["saving"]
     md = [f"# The chunked LM-head loss: peak memory of one update ({model}, CPU)", "",
-          f"`{command}` — {record['date']}, {record['machine'].get('cpu')}, load average "
-          f"{record['machine'].get('loadavg')} (memory is exact; step times are indicative on this shared machine)", "",
+          f"`{command}` — {record['date']}, {record['machine'].get('cpu')}, "
+          f"{data['threads']} torch thread(s) (trainer.threads). Machine: {record['machine']['note']}.", "",
           "| loss | measured peak (MiB) | estimate (MiB) | est./meas. | activations kept, measured / estimated (MiB) "
           "| peak at (estimate) | step s | loss |", "|---|---|---|---|---|---|---|---|"]
     for key in ("torch", "auto"):
@@ -94,7 +100,7 @@ def main() -> None:
     ap.add_argument("--model", default="llama_60m")
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="trainer.threads (2 OpenMP threads stall on a loaded 2-core machine)")
     args = ap.parse_args()
     command = "python benchmarks/fused_loss.py " + " ".join(sys.argv[1:])
     write(measure(args.model, args.micro_batch, args.seq_len, args.threads), command, args.model)

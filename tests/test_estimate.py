@@ -91,6 +91,9 @@ MEASURED = [
      "trainer.precision=pure_bf16"],
     ["method=lora", "method.rank=16", "trainer.precision=pure_bf16", "trainer.bf16_update=kahan"],
     ["method=cola_m", "method.rank=32", "trainer.precision=pure_bf16", "trainer.recompute=full"],
+    # the rows above run the chunked loss (trainer.kernels=auto on the CPU); these the loss from the whole logits
+    ["method=full", "trainer.kernels=torch"],
+    ["method=lora", "method.rank=16", "trainer.kernels=torch", "trainer.per_layer_update=true"],
 ]
 
 
