@@ -122,7 +122,7 @@ class Row:
     steps: int = 3
     memory: bool = True  # measure peak memory (one more update, and the activations' bytes)
     cpu_memory: bool = False  # measure it in the --cpu dry run too (torch.profiler: ~2 s a row there)
-    ref: str | None = None  # tokens/s is reported relative to this (earlier) row
+    ref: str | None = None  # tokens/s is reported relative to this row (earlier or later: the summary has all)
     cap_s: float = 180.0  # killed past this
     cpu_s: float = 3.0  # expected seconds in the --cpu dry run (2 busy cores)
     seconds: float = 5.0  # data rows: seconds of streaming measured (1 with --cpu)
