@@ -132,10 +132,12 @@ def accum(steps: int) -> dict:
 
 def write(what: str, data: dict, command: str) -> None:
     RESULTS.mkdir(exist_ok=True)
-    record = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), **data}
+    record = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
+              "loadavg": os.getloadavg(), **data}
     (RESULTS / f"pure_bf16_{what}_cpu.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
     md = [f"# pure bf16: {what} (CPU)", "", f"`{command}` — {record['date']}, {record['machine'].get('cpu')}, "
-          f"load average {record['machine'].get('loadavg')}", ""]
+          f"load average (1/5/15 min) at the end {tuple(round(x, 1) for x in record['loadavg'])}: the machine was shared, "
+          "so step times are not figures of the methods", ""]
     if what == "measure":
         md += ["| run | measured peak (MiB) | estimate (MiB) | difference | measured weights / states / grads (MiB) |",
                "|---|---|---|---|---|"]

@@ -170,7 +170,8 @@ def head_loss(impl: str) -> HeadLoss | None:
     return {"full": None, "chunked": chunked_head_loss, "liger": liger_head_loss}[impl]
 
 
-def fused_loss_bytes(impl: str, tokens: int, dim: int, vocab: int, precision: str) -> tuple[float, float, float]:
+def fused_loss_bytes(impl: str, tokens: int, dim: int, vocab: int, precision: str,
+                     head_grad: bool = True) -> tuple[float, float, float]:
     """Bytes of a fused head loss over ``tokens`` rows (for ``lrpretrain estimate``):
     (kept for the backward, the forward's peak beyond them, the backward's beyond them and the head's
     new gradient). ``precision``: fp32 | bf16 (autocast) | pure_bf16.
@@ -182,7 +183,8 @@ def fused_loss_bytes(impl: str, tokens: int, dim: int, vocab: int, precision: st
     matmul's dtype only (its kernel writes the gradient over them) and the per-row losses. Under pure
     bf16, ∂W is accumulated in fp32 and cast at the end (4 more bytes per entry of W); under bf16
     autocast the bf16 copy of W that autocast caches lives while the loss runs (nothing saves it).
-    Backward: the scaled copy of ∂h.
+    Backward: the scaled copy of ∂h. ``head_grad`` false (a frozen LM head: LR-QAT's
+    ``train_rest=false``): no ∂W is computed, kept or accumulated.
     """
     if impl not in ("chunked", "liger"):
         raise ValueError(f"fused_loss_bytes: '{impl}' is not a fused head loss")
@@ -190,12 +192,13 @@ def fused_loss_bytes(impl: str, tokens: int, dim: int, vocab: int, precision: st
     wb = 2 if precision == "pure_bf16" else 4  # W, ∂W
     lb = 4 if precision == "fp32" else 2  # the logits' (matmul's) dtype
     rows = min(chunk_rows(tokens, vocab, dim), tokens)
-    accumulator = 4.0 * vocab * dim if wb == 2 else 0.0  # fp32 accumulation of a bf16 ∂W
+    w_grad = float(vocab * dim) if head_grad else 0.0  # ∂W's entries
+    accumulator = 4.0 * w_grad if wb == 2 else 0.0  # fp32 accumulation of a bf16 ∂W
     if impl == "chunked":
         fp32_logits = 4.0 * rows * vocab
-        chunk = fp32_logits if lb == 4 else fp32_logits + lb * rows * vocab + 2.0 * vocab * dim
+        chunk = fp32_logits if lb == 4 else fp32_logits + lb * rows * vocab + 2.0 * w_grad
     else:
         chunk = float(lb * rows * vocab + 5 * tokens)
-    saved = float(hb * tokens * dim + wb * vocab * dim)
+    saved = float(hb * tokens * dim + wb * w_grad)
     cached = 2.0 * vocab * dim if precision == "bf16" else 0.0  # autocast's bf16 copy of W, while the loss runs
     return saved, accumulator + cached + chunk + lb * rows * dim, float(hb * tokens * dim)

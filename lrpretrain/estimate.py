@@ -54,6 +54,7 @@ from lrpretrain.kernels import KernelChoice, choose
 from lrpretrain.kernels.head_loss import fused_loss_bytes
 from lrpretrain.methods import get_method
 from lrpretrain.model.memory import (
+    activation_itemsize,
     autocast_weight_bytes,
     largest_trainable,
     loss_transient_bytes,
@@ -151,7 +152,10 @@ def estimate(cfg: Config, budget: float | None = None, precision: str | None = N
         raise UserError(f"cannot estimate trainer.recompute={t.recompute} for method '{cfg.method.name}': {e}; "
                         "trainer.recompute=none gives an upper bound") from e
     fused = kernels.head_loss != "full"  # a head loss (lrpretrain/kernels/head_loss.py): no logits, its gradients kept
+    head_trained = cost.get("head_grad_params", 1.0) > 0  # LR-QAT's train_rest=false freezes the LM head
     per_token = layers + outside_layers_bytes(mc, T, precision, fused_loss=fused)
+    if not (fused or head_trained):  # a frozen head's matmul saves not its input (no gradient of W needs it)
+        per_token -= activation_itemsize(precision) * mc.dim
     saved = tokens * per_token
     embeddings = mc.vocab_size * mc.dim * (1 if mc.tie_embeddings else 2)
     # autocast's bf16 weight copies, saved by the matmuls; a fused loss saves not the head's (it lives in
@@ -159,7 +163,8 @@ def estimate(cfg: Config, budget: float | None = None, precision: str | None = N
     cast_params = cost.get("autocast_params", params - embeddings + mc.vocab_size * mc.dim)
     cast = autocast_weight_bytes(cast_params - (mc.vocab_size * mc.dim if fused else 0.0)) if precision == "bf16" else 0.0
     if fused:
-        loss_kept, fwd_t, bwd_t = fused_loss_bytes(kernels.head_loss, tokens, mc.dim, mc.vocab_size, precision)
+        loss_kept, fwd_t, bwd_t = fused_loss_bytes(kernels.head_loss, tokens, mc.dim, mc.vocab_size, precision,
+                                                   head_grad=head_trained)
         saved += loss_kept
     else:
         loss_kept = 0.0

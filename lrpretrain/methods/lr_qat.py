@@ -378,13 +378,14 @@ class LRQAT(Method):
         """A plain block's (the autograd function saves the input the plain linear saves), less, with
         ``train_rest=false``, what frozen norms, embedding and head leave unsaved (measured on torch 2.13,
         tests/test_lr_qat.py): each RMSNorm's normalised value (kept for its weight's gradient), in the
-        first block (whose input needs no gradient) also its norm's fp32 input copy and 1/rms, the LM
-        head's input, and two fp32 values per token; checkpointed blocks save their input either way."""
+        first block (whose input needs no gradient) also its norm's fp32 input copy and 1/rms, and two
+        fp32 values per token; checkpointed blocks save their input either way. (The frozen LM head's
+        unsaved input is the estimator's, from ``head_grad_params``: with a fused loss it is never saved.)"""
         total = super().activation_bytes(model_cfg, recompute, recompute_every, precision)
         if self.cfg.train_rest:
             return total
-        d, res, act = model_cfg.dim, residual_itemsize(precision), activation_itemsize(precision)
-        unsaved = (res + act) * d + 8.0
+        d, res = model_cfg.dim, residual_itemsize(precision)
+        unsaved = res * d + 8.0
         for i in range(model_cfg.n_layers):
             if recompute == "none" or i % recompute_every:
                 unsaved += 2 * res * d + (4.0 * d + 4.0 if i == 0 else 0.0)
