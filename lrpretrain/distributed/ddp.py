@@ -26,11 +26,21 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lrpretrain.distributed.strategy import Strategy, register_strategy
+from lrpretrain.errors import ConfigError
+from lrpretrain.methods import get_method
 
 
 @register_strategy("ddp")
 class DDP(Strategy):
     multi_process = True
+
+    @classmethod
+    def validate(cls, cfg, world_size: int) -> None:
+        super().validate(cfg, world_size)
+        why = get_method(cfg.method.name).strategy_refusal("ddp", cfg)
+        if why:
+            raise ConfigError(f"method={cfg.method.name} is not supported with distributed.strategy=ddp: {why}; "
+                              "use distributed=single")
 
     def __init__(self, cfg):
         super().__init__(cfg)

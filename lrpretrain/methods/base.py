@@ -103,6 +103,12 @@ class Method:
         (one line, shown at config time), or None. Default: ``unsupported_strategies``."""
         return cls.unsupported_strategies.get(strategy)
 
+    @classmethod
+    def per_layer_refusal(cls, cfg: Any) -> str | None:
+        """Why this method cannot step one parameter at a time inside the backward
+        (``trainer.per_layer_update=true``; one line, shown at config time), or None."""
+        return None
+
     def __init__(self, cfg: MethodConfig, model_cfg: ModelConfig):
         self.cfg = cfg
         self.model_cfg = model_cfg

@@ -41,6 +41,7 @@ from lrpretrain.methods.base import Method, Reparameterized
 from lrpretrain.methods.targets import TargetsConfig
 from lrpretrain.methods.toolkit import (
     check_rank_for_model,
+    compute_dtype,
     kaiming_uniform_,
     reparameterize,
     reparameterized_cost,
@@ -74,12 +75,6 @@ class SLTrainConfig(TargetsConfig):
 # -- the op ---------------------------------------------------------------------------------------------
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype autocast would run this matmul in (bf16 under bf16 autocast), else x's."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
 def dense_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, values: torch.Tensor, index: torch.Tensor,
                  scale: float, dtype: torch.dtype) -> torch.Tensor:
     """s·B·A + S as one dense (m, n) matrix in ``dtype``."""
@@ -111,7 +106,7 @@ class SparseLowRankFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lora_A, lora_B, values, index, scale: float, block_rows: int):
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         ctx.save_for_backward(x, lora_A, lora_B, values, index)
         ctx.scale, ctx.block_rows, ctx.dtype = scale, block_rows, dtype
         w = dense_weight(lora_A, lora_B, values, index, scale, dtype)

@@ -14,6 +14,8 @@
 - :func:`reparameterized_cost`: analytic params / trainable params / training FLOPs per token of a
   model whose targets are replaced, from a per-target cost (each method's ``cost()``).
 - :func:`seeded_generator`: a method's own RNG, derived from the run's seed (saved in checkpoints).
+- :func:`compute_dtype`: the matmul dtype under autocast, for custom autograd functions.
+- :func:`restart_ramp`: the LR factor of a jagged schedule (ReLoRA's restarts, LORO's cosine restarts).
 - :func:`parameter_counts` and :func:`reset_optimizer_state` (full, magnitude or random pruning of
   the optimizer's moments, as ReLoRA's restarts need); :func:`restart_optimizer_state` (forget a
   parameter's whole state, step counter included, as SST's swapped vectors need).
@@ -100,6 +102,21 @@ def seeded_generator(salt: int) -> torch.Generator:
     it and saves ``get_state()`` in ``state_dict()`` so that resume continues the same stream.
     """
     return torch.Generator().manual_seed((torch.initial_seed() + salt) % (1 << 63))
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul on ``x`` in (bf16 under bf16 autocast), else x's: for custom
+    autograd functions that spell autocast's semantics out."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def restart_ramp(step: int, period: int, warmup: int) -> float:
+    """The LR factor at update ``step`` (0-based) of a schedule restarted every ``period`` updates: at each
+    restart (update k·period, k >= 1) it drops to 0 and ramps linearly back to 1 over ``warmup`` updates;
+    1 elsewhere (the first cycle has only the base schedule's warmup). It multiplies the base schedule."""
+    into_cycle = step % period
+    return into_cycle / warmup if step >= period and into_cycle < warmup else 1.0
 
 
 # -- modules ------------------------------------------------------------------------------------------

@@ -22,6 +22,12 @@ import torch
 class ParamwiseOptimizer(torch.optim.Optimizer):
     """Base class: subclasses implement :meth:`step_param`."""
 
+    # True for an optimizer whose update needs the gradient at other parameter values, inside the step
+    # (DLRT's S-step): the trainer then calls ``step(closure)`` with a closure that runs the update's
+    # forward and backward again and returns the loss (torch's closure contract). Such an optimizer
+    # steps the whole model at once and cannot serve per-layer updates.
+    reevaluates: bool = False
+
     def step_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         """Update ``p`` in place from ``p.grad`` and ``self.state[p]`` with ``group``'s hyperparameters."""
         raise NotImplementedError
