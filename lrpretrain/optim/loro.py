@@ -1,0 +1,148 @@
+"""LORO's optimizer (Mo, Huang, Pan, ICLR 2025; mzf666/LORO-main ``loro_torch/loro_optim.py``): AdamW
+whose parameter groups marked ``loro`` hold the factor pairs of W = B·A, updated in two ways.
+
+- Lazy update (every update but one in K): each factor takes an AdamW step with its learning rate
+  scaled by ``lazy_scale`` (the reference's ``lr_scaler``, r/d): B <- B - lr·(r/d)·N_B, likewise A,
+  N the Adam-normalised gradient. Decoupled weight decay uses the unscaled lr, as the reference.
+- Exact update (the update with index u, 0-based, where (u + 1) mod K == 0): both factors' moments take
+  the update's gradient, then W = B·A moves by -lr·ξ on the manifold of rank-r matrices and is
+  retracted there (:func:`riemannian_step`), ξ the tangent vector built from the two Adam-normalised
+  directions, as the reference (its Algorithm 1 writes the raw gradients ∇B, ∇A; its code passes the
+  Adam-normalised ones). No weight decay in the exact update (the reference's).
+
+The group holds ``[B₀, A₀, B₁, A₁, ...]`` (B: m x r, A: r x n), ``exact_every`` (K), ``lazy_scale``
+and ``update``: the number of updates done, which the method plugin sets after every update from the
+trainer's count (:meth:`LOROAdamW.set_update`), so the exact update falls on the trainer's schedule
+also after a skipped (non-finite) update. Everything is per parameter (``step_param``): under
+per-layer updates the second factor of a pair to arrive performs the pair's exact step (the first
+only updates its moments and marks itself), so the global and the per-layer step agree. The
+optimizer-state refresh after an exact update and the LR restart belong to the plugin
+(lrpretrain/methods/loro.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from lrpretrain.optim import moments, quant8
+from lrpretrain.optim.adamw import AdamW, adamw_update_
+
+
+def qr_positive(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduced QR with a non-negative diagonal of R (the unique QR of a full-rank ``x``): Q (m x k),
+    R (k x c) for x (m x c), k = min(m, c). Householder QR: Q is orthonormal even where x is
+    rank-deficient."""
+    q, r = torch.linalg.qr(x)
+    sign = torch.sign(torch.diagonal(r))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return q * sign, r * sign[:, None]
+
+
+def riemannian_step(B: torch.Tensor, A: torch.Tensor, dB: torch.Tensor, dA: torch.Tensor,
+                    lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """LORO's exact update of W = B·A (B: m x r, A: r x n, rank r), in fp32.
+
+    With B = Q_B R_B and Aᵀ = Q_A R_A (QR), Z_B = dB R_A⁻¹ and Z_A = dAᵀ R_B⁻¹ (for the gradients of a
+    loss whose gradient in W is G, dB = G Aᵀ and dA = Bᵀ G, so Z_B = G Q_A and Z_A = Gᵀ Q_B: G's action on
+    the column and row spaces, without forming G). The tangent vector is
+    ξ = Q_B Z_Aᵀ + (I - Q_B Q_Bᵀ) Z_B Q_Aᵀ (= P_T(G), the projection of G onto the tangent space at W,
+    for true gradients). W - lr·ξ = [Q_B, Q̄_B] C [Q_A, Q̄_A]ᵀ with the 2r x 2r core
+    C = [[R_B R_Aᵀ - lr Z_Aᵀ Q_A, -lr R̄_Aᵀ], [-lr R̄_B, 0]], where Q̄ R̄ are the QR factors of the
+    directions' parts outside the current spaces. Retraction: the rank-r truncated SVD of C,
+    U* Σ V*ᵀ, split evenly between the factors: B' = [Q_B, Q̄_B] U* Σ^½, A' = Σ^½ V*ᵀ [Q_A, Q̄_A]ᵀ.
+
+    Q̄, R̄ come from one Householder QR of [Q_B, Z_B] (its last columns are orthonormal to Q_B even
+    when the outside part is rank-deficient) rather than from a QR of the projection (I - Q_B Q_Bᵀ) Z_B
+    alone, as the reference does: the same factors where that QR is full rank. Where 2r exceeds m (or
+    n) the outside part has at most m - r columns and the core shrinks accordingly.
+    """
+    B, A, dB, dA = B.float(), A.float(), dB.float(), dA.float()
+    r = B.shape[1]
+    q_b, r_b = qr_positive(B)  # (m, r), (r, r)
+    q_a, r_a = qr_positive(A.T)  # (n, r), (r, r)
+    z_b = torch.linalg.solve_triangular(r_a, dB, upper=True, left=False)  # dB R_A⁻¹ (m, r)
+    z_a = torch.linalg.solve_triangular(r_b, dA.T, upper=True, left=False)  # dAᵀ R_B⁻¹ (n, r)
+    basis_b, t_b = qr_positive(torch.cat([q_b, z_b], 1))  # [Q_B, Q̄_B], R̄_B = t_b[r:, r:]
+    basis_a, t_a = qr_positive(torch.cat([q_a, z_a], 1))
+    core = torch.zeros(basis_b.shape[1], basis_a.shape[1], dtype=B.dtype, device=B.device)
+    core[:r, :r] = r_b @ r_a.T - lr * (z_a.T @ q_a)
+    core[:r, r:] = -lr * t_a[r:, r:].T
+    core[r:, :r] = -lr * t_b[r:, r:]
+    u, s, vh = torch.linalg.svd(core, full_matrices=False)
+    root = s[:r].sqrt()
+    return basis_b @ (u[:, :r] * root), (root[:, None] * vh[:r]) @ basis_a.T
+
+
+class LOROAdamW(AdamW):
+    """AdamW (torch's arithmetic) for every group; groups with ``loro=True`` hold factor pairs (see the
+    module docstring) and step lazily or exactly."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, state_bits: int = 32):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, state_bits=state_bits)
+        self._pair: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for group in self.param_groups:
+            if not group.get("loro"):
+                continue
+            group.setdefault("update", 0)
+            ps = group["params"]
+            if len(ps) % 2 or any(b.ndim != 2 or a.ndim != 2 or b.shape[1] != a.shape[0] for b, a in zip(ps[::2], ps[1::2])):
+                raise ValueError("a loro group holds factor pairs [B, A, ...] with B (m, r) and A (r, n)")
+            for b, a in zip(ps[::2], ps[1::2]):
+                self._pair[id(b)] = self._pair[id(a)] = (b, a)
+
+    def set_update(self, done: int) -> None:
+        """``done`` updates are complete: the next one is an exact update if (done + 1) mod K == 0."""
+        for group in self.param_groups:
+            if group.get("loro"):
+                group["update"] = done
+
+    def step_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        if not group.get("loro"):
+            return super().step_param(p, group)
+        state = self.state[p]
+        eight_bit = quant8.use_8bit(p.numel(), group["state_bits"])
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            if eight_bit:
+                moments.init_moments(state, p, 8)
+            else:
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        t = int(state["step"].item())
+        beta1, beta2 = group["betas"]
+        lr, update = group["lr"], group["update"]
+        m, v = moments.load(state)
+        grad = p.grad
+        if (update + 1) % group["exact_every"]:  # lazy: AdamW at lr·(r/d); decay at lr
+            if group["weight_decay"]:
+                p.mul_(1 - lr * group["weight_decay"])
+            adamw_update_(p, grad, m, v, lr * group["lazy_scale"], beta1, beta2, group["eps"], 0.0,
+                          1 - beta1**t, math.sqrt(1 - beta2**t))
+        else:  # exact: the moments take this gradient; the pair moves once both have
+            m.lerp_(grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            state["exact_at"] = update
+        if eight_bit:
+            moments.save(state, m, v)
+        if "exact_at" not in state or state["exact_at"] != update or (update + 1) % group["exact_every"]:
+            return
+        b, a = self._pair[id(p)]
+        other = a if p is b else b
+        if self.state[other].get("exact_at") != update:
+            return  # the first factor of the pair: the second one moves both
+        new_b, new_a = riemannian_step(b, a, self._direction(b, group), self._direction(a, group), lr)
+        b.copy_(new_b.to(b.dtype))
+        a.copy_(new_a.to(a.dtype))
+
+    def _direction(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """Adam's bias-corrected direction f·N of ``p`` from its moments (the update is lr·f·N)."""
+        state = self.state[p]
+        beta1, beta2 = group["betas"]
+        m, v = moments.load(state)
+        n, f = moments.normalized(m, v, int(state["step"].item()), beta1, beta2, group["eps"], "torch")
+        return n.mul_(f)
