@@ -27,6 +27,9 @@ Peak = weights + optimizer states + the largest of three moments of an update:
   start of backward:   activations + logits gradient + the LM head's gradient; with per-layer updates
                        the LM head's step instead (its gradient and the step's temporaries)
   optimizer step:      every gradient + the step's temporaries (global step only)
+  second forward/backward (a method whose optimizer evaluates the loss again inside its step, DLRT):
+                       that pass's activations and transients + what the method holds through it
+                       (:meth:`~lrpretrain.methods.Method.second_pass_bytes`)
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ class Estimate:
     activations: float  # saved for the backward of one micro-batch (incl. autocast's weight copies)
     transients: float  # beside the rest at the peak moment (logits copies, optimizer temporaries)
     peak: float
-    peak_at: str  # end of forward | start of backward | optimizer step
+    peak_at: str  # end of forward | start of backward | optimizer step | second forward | second backward
     budget: float | None = None
 
     @property
@@ -144,11 +147,16 @@ def estimate(cfg: Config, budget: float | None = None, precision: str | None = N
     else:
         moments["start of backward"] = activations + bwd_t + max(earlier, head_grad)
         moments["optimizer step"] = all_grads + step_temp
+    second = plugin.second_pass_bytes(mc, T, t.recompute, t.recompute_every, bf16, wb)
+    if second is not None:  # a second forward and backward inside the optimizer's step (DLRT's S-step)
+        saved2, held = tokens * second[0] + cast, second[1]
+        moments["second forward"] = saved2 + fwd_t + held
+        moments["second backward"] = saved2 - log_softmax + bwd_t + held
     peak_at = max(moments, key=moments.__getitem__)
     static = weights + states
     peak = static + moments[peak_at]
     gradients_at_peak = {"end of forward": earlier, "start of backward": max(earlier, head_grad),
-                         "optimizer step": all_grads}[peak_at]
+                         "optimizer step": all_grads}.get(peak_at, second[1] if second else 0.0)
     transients = moments[peak_at] - gradients_at_peak - (activations if peak_at != "optimizer step" else 0.0)
     transients = max(transients, 0.0)
     return Estimate(model=mc.name, method=cfg.method.name, micro_batch_size=B, seq_len=T, accumulation=accum,

@@ -216,6 +216,15 @@ class Method:
             total += 0.0 if checkpointed else extra
         return total
 
+    def second_pass_bytes(self, model_cfg: ModelConfig, seq_len: int, recompute: str, recompute_every: int,
+                          bf16: bool, grad_bytes: float) -> tuple[float, float] | None:
+        """For a method whose optimizer runs a second forward and backward inside its step (one that
+        ``reevaluates``, DLRT's S-step), for ``lrpretrain estimate``: (bytes per token that this forward
+        saves for its backward, the embedding, head and loss included; bytes held through it beside the
+        weights and the optimizer states: gradients of the first pass kept for later, the step's own
+        tensors). ``grad_bytes``: bytes per gradient entry. None (the default): no second pass."""
+        return None
+
     def layer_extra_values(self, model_cfg: ModelConfig) -> float:
         """Values per token that the method's modules save in each decoder block beyond a plain block's
         (its r-dimensional activations, dropout copies, ...), for :meth:`activation_bytes`."""

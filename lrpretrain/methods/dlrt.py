@@ -10,8 +10,9 @@ is, for every target, with G the loss's gradient in W at the update's point:
    ∇K = G V and ∇L = Gᵀ U. The layer's forward x V Sᵀ Uᵀ has a backward that hands these two products
    to the parameters ``K`` and ``L`` directly (:class:`FactorisedLinear`), so one pass gives both and G
    is never formed.
-2. New bases. Rank-adaptive: Û = orth([U | K₁]) and V̂ = orth([V | L₁]) (2r columns: the old basis and the
-   new directions); fixed-rank: Û = orth(K₁), V̂ = orth(L₁).
+2. New bases. Rank-adaptive: Û = orth([U | K₁]) and V̂ = orth([V | L₁]) (up to 2r columns: the old basis
+   and the new directions), computed as orth([U | K₁ - K₀]), the same span; fixed-rank: Û = orth(K₁),
+   V̂ = orth(L₁).
 3. S-step (Galerkin): S̃ = (ÛᵀU) S (VᵀV̂) represents the same W in the new bases; it steps on
    ∇S̃ = Ûᵀ G V̂, which needs G on the new directions: a second forward and backward of the update's
    micro-batches at the same weights, through the augmented factors. The trainer passes the closure
@@ -38,10 +39,14 @@ Choices where the paper (and its reference code) is silent or where we differ, o
   move at every update, and a reset at every update makes Adam a sign descent (m/√v = ±1 on the first
   step after a reset). The reference keeps one Adam over preallocated rank-bound buffers whose moments
   stay in their slots whatever basis the slot holds; ours move with the coordinates.
-- The augmented basis is orth([U | K₁]) by a Householder QR with a positive diagonal, old basis first:
-  its first r columns are U itself, so S̃ embeds S and S's moments carry over unchanged (the reference
-  orthonormalises [K₁ | U]: the same span, other coordinates, which matters to Adam, not to SGD).
-  Where 2r exceeds m (or n) the augmented basis has m (n) columns.
+- The augmented basis is orth([U | K₁ - K₀]) by a Householder QR with a positive diagonal, old basis
+  first: its first r columns are U itself, so S̃ embeds S and S's moments carry over unchanged (the
+  reference orthonormalises [K₁ | U]: the same span, other coordinates, which matters to Adam, not to
+  SGD). The step K₁ - K₀ is taken as the optimizer computed it: recovering the new directions from K₁
+  would cancel K₀ = U S in floating point and lose most of their digits. The basis has the dimension of
+  the span: a new direction that lies (numerically) in it already is dropped rather than completed
+  arbitrarily (a zero step, e.g. at LR 0, adds none), so S̃ may be rectangular and has at most
+  min(m, 2r) x min(n, 2r) entries. The integrator works in fp32 (fp64 parameters: fp64).
 - Truncation: ‖σ_{r₁+1:}‖₂ ≤ ϑ‖σ‖₂ with ϑ = 0.1 (the reference optimizer's default ``theta``) and a
   floor of 2 (``min_rank``, the reference's); the reference's loop leaves the last singular value out of
   the tail norm. ``max_rank`` defaults to the initial rank: ranks can only shrink below the bound the
@@ -86,7 +91,7 @@ from lrpretrain.methods.toolkit import (
     reparameterized_cost,
     target_shapes,
 )
-from lrpretrain.model.memory import rope_bytes
+from lrpretrain.model.memory import outside_layers_bytes, rope_bytes
 from lrpretrain.optim import AdamW, moments
 from lrpretrain.optim.clip import clip_coefficient, grad_norm
 from lrpretrain.optim.loro import qr_positive
@@ -141,7 +146,7 @@ class DLRTConfig(TargetsConfig):
 class FactorisedLinear(torch.autograd.Function):
     """y = x V Sᵀ Uᵀ (the layer's W = U S Vᵀ). Its backward gives, without forming G = dyᵀx:
     ∇K = G V and ∇L = Gᵀ U to ``K`` and ``L`` (the K- and L-steps' gradients) when they are passed,
-    else ∇S = Uᵀ G V to ``S`` (the S-step's); U and V get none. Saved: x and x·V (r per token)."""
+    else ∇S = Uᵀ G V to ``S`` (the S-step's); U and V get none. Saved: x·V (r per token) and, for ∇L, x."""
 
     @staticmethod
     def forward(ctx, x, U, S, V, K, L):
@@ -150,8 +155,8 @@ class FactorisedLinear(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1]).to(dt)  # (tokens, n)
             xv = x2 @ V.to(dt)  # (tokens, r)
             y = (xv @ S.to(dt).T) @ U.to(dt).T
-        ctx.save_for_backward(x2, xv, U, S, V)
         ctx.factors = K is not None
+        ctx.save_for_backward(x2 if ctx.factors else None, xv, U, S, V)  # x only for ∇L
         ctx.x_dtype, ctx.dtypes = x.dtype, (S.dtype, None if K is None else K.dtype, None if L is None else L.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -202,8 +207,8 @@ class DLRTLinear(Reparameterized):
         self.U = U.to(dtype).contiguous()
         self.V = V.to(dtype).contiguous()
         self.S.data = S.to(dtype).contiguous()
-        self.K.data = (U.float() @ S.float()).to(dtype)
-        self.L.data = (V.float() @ S.float().T).to(dtype)
+        self.K.data = (_hp(U) @ _hp(S)).to(dtype)
+        self.L.data = (_hp(V) @ _hp(S).T).to(dtype)
 
     @torch.no_grad()
     def resize_(self, rank: int) -> None:
@@ -223,8 +228,8 @@ class DLRTLinear(Reparameterized):
         return core
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.galerkin is None:
-            return FactorisedLinear.apply(x, self.U, self.S, self.V, self.K, self.L)
+        if self.galerkin is None:  # S takes no gradient here (the S-step's is S̃'s): no autograd edge to it
+            return FactorisedLinear.apply(x, self.U, self.S.detach(), self.V, self.K, self.L)
         U_hat, core, V_hat = self.galerkin
         return FactorisedLinear.apply(x, U_hat, core, V_hat, None, None)
 
@@ -249,10 +254,22 @@ class DLRTLinear(Reparameterized):
 # -- the integrator's linear algebra ----------------------------------------------------------------------
 
 
-def augmented_basis(U: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-    """orth([U | K]) (Householder QR, non-negative diagonal): U itself, then the directions of K outside
-    span(U); min(m, 2r) columns."""
-    return qr_positive(torch.cat([U, K], 1))[0]
+def augmented_basis(U: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of span[U | step]: U itself, then the directions of ``step`` outside span(U)
+    (Householder QR, non-negative diagonal). A new column whose residual is below
+    eps·max(m, 2r)·‖step‖ lies in the span already and is dropped: the basis has the span's dimension
+    (at most min(m, 2r)), with no arbitrary completion for the S-step to move along."""
+    r = U.shape[1]
+    q, t = qr_positive(torch.cat([U, step], 1))
+    residual = torch.diagonal(t)[r:]
+    tol = torch.finfo(step.dtype).eps * max(step.shape[0], 2 * r) * torch.linalg.matrix_norm(step)
+    keep = torch.nonzero(residual > tol).flatten() + r
+    return torch.cat([q[:, :r], q[:, keep]], 1)
+
+
+def _hp(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the integrator's working precision: fp32 at least (fp64 stays fp64)."""
+    return t.detach() if t.dtype == torch.float64 else t.detach().float()
 
 
 def truncation_rank(sigma: torch.Tensor, tol: float, min_rank: int, max_rank: int) -> int:
@@ -298,21 +315,17 @@ class BUGIntegrator(AdamW):
             raise RuntimeError("the BUG integrator's S-step needs the loss evaluated again: call step(closure)")
         group = self._dlrt_group()
         lr, wd = group["lr"], group["weight_decay"]
-        # 1. K- and L-steps on the trainer's gradients
-        for layer in self.layers:
-            for p in (layer.K, layer.L):
-                if p.grad is not None:
-                    self._substep(p, p.grad, self.state[p], group, lr, 0.0)
-                p.grad = None
-        # 2. new bases and the Galerkin cores
+        # 1. K- and L-steps on the trainer's gradients, 2. the new bases and the Galerkin cores
         old = []
         for layer in self.layers:
-            U, V, S = layer.U.float(), layer.V.float(), layer.S.float()
-            K, L = layer.K.float(), layer.L.float()
-            if self.adaptive:
-                U_hat, V_hat = augmented_basis(U, K), augmented_basis(V, L)
+            dK, dL = (self._substep(p, p.grad, self.state[p], group, lr, 0.0) if p.grad is not None
+                      else torch.zeros_like(p) for p in (layer.K, layer.L))
+            layer.K.grad = layer.L.grad = None
+            U, V, S = _hp(layer.U), _hp(layer.V), _hp(layer.S)
+            if self.adaptive:  # span[U | K₁] = span[U | K₁ - K₀]: the step itself, free of K₀'s rounding
+                U_hat, V_hat = augmented_basis(U, _hp(dK)), augmented_basis(V, _hp(dL))
             else:
-                U_hat, V_hat = qr_positive(K)[0], qr_positive(L)[0]
+                U_hat, V_hat = qr_positive(_hp(layer.K))[0], qr_positive(_hp(layer.L))[0]
             M, N = U_hat.T @ U, V_hat.T @ V
             self._transport(layer.S, M, N, group)
             layer.begin_galerkin(U_hat, M @ S @ N.T, V_hat)
@@ -363,7 +376,7 @@ class BUGIntegrator(AdamW):
     def _finish(self, layer: DLRTLinear, U: torch.Tensor, V: torch.Tensor, group: dict[str, Any]) -> int:
         """Truncate (rank-adaptive) and set the layer's new factors; move K's, L's and S's moments."""
         U_hat, core, V_hat = layer.galerkin
-        U_hat, S1, V_hat = U_hat.float(), core.detach().float(), V_hat.float()
+        U_hat, S1, V_hat = _hp(U_hat), _hp(core.detach()), _hp(V_hat)
         if self.adaptive:
             P, sigma, Qh = torch.linalg.svd(S1, full_matrices=False)
             r = truncation_rank(sigma, self.tol, self.min_rank, self.max_rank or layer.rank)
@@ -378,20 +391,22 @@ class BUGIntegrator(AdamW):
         return layer.rank
 
     def _substep(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], lr: float,
-                 weight_decay: float) -> None:
+                 weight_decay: float) -> torch.Tensor:
         """One K-, L- or S-substep of ``p`` in place: Adam on the moments in ``state`` (torch.optim.AdamW's
-        arithmetic), or plain SGD."""
+        arithmetic), or plain SGD. Returns the step taken (the change of ``p`` but its decay)."""
         if weight_decay:
             p.mul_(1 - lr * weight_decay)
         if self.kls_optimizer == "sgd":
-            p.add_(grad, alpha=-lr)
-            return
-        if not moments.has_moments(state):
-            moments.init_moments(state, p, group["state_bits"])
-        beta1, beta2 = group["betas"]
-        m, v, t = moments.update(state, grad, beta1, beta2)
-        n, f = moments.normalized(m, v, t, beta1, beta2, group["eps"], "torch")
-        p.add_(n.to(p.dtype), alpha=-lr * f)
+            delta = grad.mul(-lr)
+        else:
+            if not moments.has_moments(state):
+                moments.init_moments(state, p, group["state_bits"])
+            beta1, beta2 = group["betas"]
+            m, v, t = moments.update(state, grad, beta1, beta2)
+            n, f = moments.normalized(m, v, t, beta1, beta2, group["eps"], "torch")
+            delta = n.mul_(-lr * f)
+        p.add_(delta.to(p.dtype))
+        return delta
 
     def _transport(self, p: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None,
                    group: dict[str, Any]) -> None:
@@ -469,13 +484,42 @@ class DLRT(Method):
         """x·V: r values per target and token (the first pass, at the rank bound)."""
         return lora_activation_values(model_cfg, self.cfg.bound, list(self.cfg.targets), 0.0)
 
+    def _augmented(self, m: int, n: int) -> tuple[int, int]:
+        """Columns of Û and V̂ at the rank bound: min(m, 2r), min(n, 2r) (r, r fixed-rank)."""
+        r = self.cfg.bound
+        return (min(m, 2 * r), min(n, 2 * r)) if self.cfg.integrator == "adaptive" else (r, r)
+
+    def second_pass_bytes(self, model_cfg: ModelConfig, seq_len: int, recompute: str, recompute_every: int,
+                          bf16: bool, grad_bytes: float) -> tuple[float, float]:
+        """The S-step's forward runs with every parameter frozen: per layer it saves 6d + 3f + H + 2 values
+        per token and x·V̂ (c_v values) per target, outside the layers only the loss's log-softmax and
+        targets (fp32, no recomputation: measured on torch 2.13, tests/test_estimate.py); other precisions
+        and recomputation policies take the first pass's figure. Held through it: the dense parameters'
+        gradients (stepped after it), Û, V̂, S̃ and its gradient, S's moments at the augmented size."""
+        d, f, H, T = model_cfg.dim, model_cfg.ffn_dim, model_cfg.n_heads, seq_len
+        shapes = list(target_shapes(model_cfg, list(self.cfg.targets)).values())
+        if recompute == "none" and not bf16:
+            layer = 6 * d + 3 * f + H + 2 + sum(self._augmented(m, n)[1] for m, n in shapes)
+            saved = 4.0 * model_cfg.n_layers * layer + (4.0 * model_cfg.vocab_size + 8.0) * (T - 1) / T
+        else:
+            saved = self.activation_bytes(model_cfg, recompute, recompute_every, bf16) + \
+                outside_layers_bytes(model_cfg, T, bf16)
+        r = self.cfg.bound
+        ours = sum(r * (m + n) + r * r for m, n in shapes) * model_cfg.n_layers
+        held = grad_bytes * (self.cost(model_cfg, T)["trainable_params"] - ours)
+        moments_grow = 8.0 if self.cfg.kls_optimizer == "adam" else 0.0
+        for m, n in shapes:
+            cu, cv = self._augmented(m, n)
+            held += model_cfg.n_layers * (4.0 * (m * cu + n * cv + 2 * cu * cv) + moments_grow * (cu * cv - r * r))
+        return saved, held
+
     def cost(self, model_cfg: ModelConfig, seq_len: int) -> dict[str, float]:
         """At the rank bound r: K, L, S trained (r(m + n) + r² per target), U and V buffers. FLOPs per token:
         the first pass, 6r(m + n) + 4r² per target (x V Sᵀ Uᵀ forward; dx, ∇K, ∇L backward), plus the
         second: the augmented factors (c_u = min(m, 2r), c_v = min(n, 2r) columns; c = r fixed-rank)
         forward 2(n c_v + c_u c_v + m c_u) and backward 2(m c_u + 2 c_u c_v + n c_v) per target, the LM head
         forward and input gradient (4 V d) and the attention scores."""
-        r, adaptive = self.cfg.bound, self.cfg.integrator == "adaptive"
+        r = self.cfg.bound
         targets = list(self.cfg.targets)
 
         def per_target(m: int, n: int) -> tuple[float, float, float]:
@@ -486,7 +530,7 @@ class DLRT(Method):
         second = 0.0
         bases = 0.0
         for m, n in target_shapes(model_cfg, targets).values():
-            cu, cv = (min(m, 2 * r), min(n, 2 * r)) if adaptive else (r, r)
+            cu, cv = self._augmented(m, n)
             second += 4.0 * m * cu + 4.0 * n * cv + 6.0 * cu * cv
             bases += r * (m + n)
         d, L = model_cfg.dim, model_cfg.n_layers
