@@ -40,6 +40,8 @@ REFUSED = [
     (["method=switchlora", "method.rank=8"], "method 'switchlora' cannot run under distributed=deepspeed: its optimizer"),
     (["method=galore", "method.rank=8"], "method 'galore' cannot run under distributed=deepspeed: its optimizer needs"),
     (["method=fira", "method.rank=8"], "method 'fira' cannot run under distributed=deepspeed: its optimizer needs"),
+    (["method=loro", "method.rank=8"], "method 'loro' cannot run under distributed=deepspeed: its optimizer needs"),
+    (["method=dlrt", "method.rank=8"], "method 'dlrt' cannot run under distributed=deepspeed: its optimizer needs"),
     (["optim.state_bits=8"], "optim.state_bits=8 cannot run under distributed=deepspeed"),
     (["trainer.compile=true"], "trainer.compile=true is not supported with distributed=deepspeed"),
     (["distributed.zero_stage=0"], "distributed.zero_stage=0 is plain data parallelism"),

@@ -27,6 +27,7 @@ GALORE = ["method=galore", "method.rank=8", "method.update_proj_gap=2"]
 CRNET = ["method=crnet", "method.rank=8"]
 RELORA = ["method=relora", "method.rank=8", "method.lora_dropout=0", "method.merge_every=2",
           "method.restart_warmup_steps=0"]
+LORO = ["method=loro", "method.rank=8", "method.exact_every=2", "method.restart_warmup_steps=1"]  # exact at 2, 4
 PER_LAYER = ["trainer.per_layer_update=true"]
 TOL = 2e-5  # losses of ~9: float summation order only
 
@@ -71,6 +72,8 @@ def runs(tmp_path_factory, corpus) -> Path:
         job("refused_rundir", "distributed=ddp", "trainer.resume=never", run="ddp"),
         job("refused_method", "distributed=fsdp2", "method=crnet", "method.rank=8", "trainer.recompute=method"),
         job("fsdp2_crnet", "distributed=fsdp2", *CRNET),
+        job("ddp_loro", "distributed=ddp", *LORO),
+        job("ddp_loro_pl", "distributed=ddp", *LORO, *PER_LAYER),
         {**job("signal", "distributed=fsdp2", "method=test_kill"),
          "env": {"LRP_TEST_SIGNAL_AT": "3", "LRP_TEST_SIGNAL_RANK": "1"}},
     ]
@@ -85,7 +88,7 @@ def single(tmp_path_factory, corpus) -> Path:
     from lrpretrain.cli.main import main
 
     root = tmp_path_factory.mktemp("single")
-    for name, args in {"full": [], "galore": GALORE, "relora": RELORA, "crnet": CRNET}.items():
+    for name, args in {"full": [], "galore": GALORE, "relora": RELORA, "crnet": CRNET, "loro": LORO}.items():
         assert main(["train", *COMMON, f"run.dir={root / name}", *args]) == 0
     return root
 
@@ -126,6 +129,13 @@ def test_relora_merges_under_fsdp2(runs, single):
 def test_crnet_under_fsdp2(runs, single):
     """CR-Net's cross-layer carries pass between sharded blocks; its 1-element gates β are sharded too."""
     assert close(losses(runs / "fsdp2_crnet"), losses(single / "crnet"))
+
+
+def test_loro_under_ddp(runs, single):
+    """Identical replicas take identical exact Riemannian steps; per-layer updates pair the factors after
+    each gradient's all-reduce."""
+    assert close(losses(runs / "ddp_loro"), losses(single / "loro"))
+    assert close(losses(runs / "ddp_loro_pl"), losses(runs / "ddp_loro"), 1e-6)
 
 
 def test_fsdp2_checkpoints_are_sharded_dcp(runs):

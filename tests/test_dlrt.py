@@ -12,7 +12,6 @@ import pytest
 import torch
 from test_errors import one_line
 
-from lrpretrain.errors import ConfigError
 from lrpretrain.methods import StepContext, get_method
 from lrpretrain.methods.dlrt import BUGIntegrator, DLRTLinear, truncation_rank
 from lrpretrain.model import build_model
@@ -210,16 +209,12 @@ def _built(*overrides):
     return cfg, plugin, plugin.prepare_model(model), dense
 
 
-def test_init_is_the_truncated_svd_and_export_keeps_the_function():
+def test_init_is_the_truncated_svd_and_the_cost_counts_the_model():
     cfg, plugin, model, dense = _built()
     w = dense.layers[1].mlp.down_proj.weight.detach()
     u, s, vh = torch.linalg.svd(w)
     torch.testing.assert_close(model.layers[1].mlp.down_proj.dense_weight(), (u[:, :8] * s[:8]) @ vh[:8],
                                rtol=1e-4, atol=1e-5)
-    ids = torch.randint(0, cfg.model.vocab_size, (2, 16))
-    plain = build_model(cfg.model)
-    plain.load_state_dict(plugin.dense_weights(model), strict=True)
-    torch.testing.assert_close(plain(ids), model(ids), rtol=1e-5, atol=1e-5)
     cost = plugin.cost(cfg.model, 64)
     assert cost["params"] == cost["trainable_params"] == sum(p.numel() for p in model.parameters())
     assert plugin.trainable_parameters(model) == cost["params"]
@@ -283,11 +278,3 @@ def test_checkpoint_carries_the_ranks_and_ranks_are_logged():
 def test_bad_values_are_one_clear_line(cli, tmp_path, args, expected):
     one_line(cli("train", *TINY, f"run.dir={tmp_path / 'run'}", "method=dlrt", *args), expected)
     assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_distributed_strategies_are_refused(strategy):
-    with pytest.raises(ConfigError, match=f"method=dlrt is not supported with distributed.strategy={strategy}: its "
-                                          "integrator changes the parameters' shapes"):
-        load_config(["model=llama_tiny", "method=dlrt", "method.rank=8", "trainer.batch_size=4",
-                     "trainer.micro_batch_size=2", f"distributed={strategy}"], world_size=2)

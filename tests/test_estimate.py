@@ -17,8 +17,9 @@ from lrpretrain.train import load_config
 from lrpretrain.train.recompute import apply_recompute
 
 BUILTIN = ["full", "galore", "galore_dct", "fira", "apollo", "apollo_mini", "frugal", "lowrank", "lora", "relora",
-           "periodic_lora", "sltrain", "switchlora", "sst", "cola", "cola_m", "crnet"]
-HAS_RANK = {"lowrank", "lora", "relora", "periodic_lora", "sltrain", "switchlora", "sst", "cola", "cola_m", "crnet"}
+           "periodic_lora", "sltrain", "switchlora", "sst", "cola", "cola_m", "crnet", "dlrt", "loro"]
+HAS_RANK = {"lowrank", "lora", "relora", "periodic_lora", "sltrain", "switchlora", "sst", "cola", "cola_m", "crnet",
+            "dlrt", "loro"}
 SMALL = ["model=llama_tiny", "data.seq_len=64", "trainer.batch_size=2", "trainer.micro_batch_size=2",
          "trainer.threads=1"]
 
@@ -80,6 +81,9 @@ MEASURED = [
     ["method=crnet", "method.rank=32", "trainer.recompute=method", "trainer.per_layer_update=true"],
     ["method=full", "trainer.batch_size=4", "trainer.per_layer_update=true"],
     ["method=cola_m", "method.rank=32", "trainer.precision=bf16"],  # autocast's cached bf16 weight copies
+    ["method=dlrt", "method.rank=16"],  # the peak is in the S-step's second forward (dense gradients held)
+    ["method=dlrt", "method.rank=16", "method.integrator=fixed", "trainer.recompute=full"],
+    ["method=loro", "method.rank=16", "trainer.per_layer_update=true"],
 ]
 
 

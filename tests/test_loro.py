@@ -11,7 +11,6 @@ import pytest
 import torch
 from test_errors import one_line
 
-from lrpretrain.errors import ConfigError
 from lrpretrain.methods import StepContext, get_method
 from lrpretrain.model import build_model
 from lrpretrain.optim.loro import LOROAdamW, riemannian_step
@@ -126,7 +125,7 @@ def _built(*overrides):
     return cfg, plugin, model
 
 
-def test_xavier_init_cost_and_export():
+def test_xavier_init_cost_and_lazy_scale():
     cfg, plugin, model = _built()
     q = model.layers[0].attn.q_proj
     assert q.lora_B.shape == (128, 8) and q.lora_A.shape == (8, 128)
@@ -136,10 +135,6 @@ def test_xavier_init_cost_and_export():
     counts = sum(p.numel() for p in model.parameters())
     cost = plugin.cost(cfg.model, 64)
     assert cost["params"] == cost["trainable_params"] == counts == plugin.trainable_parameters(model)
-    ids = torch.randint(0, cfg.model.vocab_size, (2, 16))
-    dense = build_model(cfg.model)
-    dense.load_state_dict(plugin.dense_weights(model), strict=True)
-    torch.testing.assert_close(dense(ids), model(ids), rtol=1e-5, atol=1e-5)
     assert plugin.lazy_scale == 8 / 128  # r / d
 
 
@@ -164,7 +159,7 @@ def test_refresh_and_lr_restart_after_each_exact_step():
     assert all(p not in opt.state for p in plugin.factors()) and opt.state[model.embed_tokens.weight]
 
 
-def test_bad_values_and_refusals(cli, tmp_path):
+def test_bad_values_are_one_clear_line(cli, tmp_path):
     for args, expected in [
         (["method.rank=0"], "method.rank=0 is invalid: must be > 0"),
         (["method.rank=129"], "method.rank=129 is invalid: must be <= min(m, n) = 128 for q_proj"),
@@ -176,7 +171,3 @@ def test_bad_values_and_refusals(cli, tmp_path):
     ]:
         one_line(cli("train", *TINY, f"run.dir={tmp_path / 'run'}", "method=loro", *args), expected)
     assert not (tmp_path / "run").exists()
-    two = ["model=llama_tiny", "method=loro", "method.rank=8", "trainer.batch_size=4", "trainer.micro_batch_size=2"]
-    with pytest.raises(ConfigError, match="method=loro is not supported with distributed.strategy=fsdp2: its exact"):
-        load_config([*two, "distributed=fsdp2"], world_size=2)
-    load_config([*two, "distributed=ddp"], world_size=2)  # DDP runs (tests/test_distributed.py)

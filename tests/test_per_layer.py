@@ -72,6 +72,9 @@ METHODS = {
     "sst": ["method=sst", "method.rank=8", "method.round_steps=2"],
     "cola": ["method=cola", "method.rank=8"],
     "crnet": ["method=crnet", "method.rank=8"],
+    # LORO: lazy updates 1 and 3, exact Riemannian steps at 2 and 4 (the pair's second factor moves both)
+    "loro": ["method=loro", "method.rank=8", "method.exact_every=2", "method.restart_warmup_steps=1"],
+    # (DLRT is refused at config time: its integrator needs every layer's K- and L-step before the S-step)
 }
 
 
