@@ -16,8 +16,8 @@ is, for every target, with G the loss's gradient in W at the update's point:
 3. S-step (Galerkin): S̃ = (ÛᵀU) S (VᵀV̂) represents the same W in the new bases; it steps on
    ∇S̃ = Ûᵀ G V̂, which needs G on the new directions: a second forward and backward of the update's
    micro-batches at the same weights, through the augmented factors. The trainer passes the closure
-   for it (torch's ``optimizer.step(closure)``; the optimizer declares ``reevaluates``); inside it only
-   the cores S require gradients.
+   for it (torch's ``optimizer.step(closure)``; the optimizer declares ``reevaluates``); inside it every
+   parameter is frozen and only the cores S̃ (leaf tensors of their own) take gradients.
 4. Truncation (rank-adaptive): S̃₁ = P Σ Qᵀ (SVD); the new rank r₁ is the smallest whose discarded
    singular values have norm ≤ ϑ·‖Σ‖ (``method.tol``, relative), bounded by ``min_rank`` and
    ``max_rank``; U₁ = Û P_{:r₁}, S₁ = Σ_{:r₁}, V₁ = V̂ Q_{:r₁}. Fixed rank: U₁ = Û, S₁ = S̃₁, V₁ = V̂.
@@ -60,7 +60,7 @@ Choices where the paper (and its reference code) is silent or where we differ, o
   (so it runs at the same point); the reference's transformer applies every pass's gradients to them.
 - The second pass's core gradients are clipped by their own global norm (``optim.grad_clip``); the first
   pass's gradients are clipped by the trainer as for any method. A non-finite core gradient skips the
-  S-step: the truncation of S̃ then returns the unchanged W.
+  S-step: the update then only truncates W (the trainer has already ruled out a non-finite first pass).
 - FLOPs per token (``cost``) count both passes (the second: the targets through the augmented factors,
   the LM head's input gradient, attention; no weight gradients of the dense parameters); the QRs and
   SVDs (once per update, not per token) are not counted.
