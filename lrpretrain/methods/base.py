@@ -11,7 +11,7 @@ function as one dense weight: the default export (:meth:`Method.dense_weights`) 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -88,6 +88,19 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def dense_param_groups(params: Iterable[torch.Tensor], weight_decay: float) -> list[dict[str, Any]]:
+    """Full training's groups of the trainable ``params``: matrices with weight decay, norms and vectors
+    without (a plugin with groups of its own puts the remaining parameters in these)."""
+    decay, no_decay = [], []
+    for p in params:
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
 class Method:
     """Full-rank training: the defaults of every hook."""
 
@@ -120,14 +133,7 @@ class Method:
 
     def param_groups(self, model: nn.Module, optim_cfg: OptimConfig) -> list[dict[str, Any]]:
         """Parameter groups for the optimizer: matrices get weight decay, norms and vectors do not."""
-        decay, no_decay = [], []
-        for p in model.parameters():
-            if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        return groups
+        return dense_param_groups(model.parameters(), optim_cfg.weight_decay)
 
     def build_optimizer(self, groups: list[dict[str, Any]], optim_cfg: OptimConfig) -> ParamwiseOptimizer:
         """A :class:`~lrpretrain.optim.ParamwiseOptimizer` (so per-layer updates can step it)."""

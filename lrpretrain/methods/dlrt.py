@@ -81,7 +81,7 @@ from torch import nn
 
 from lrpretrain.errors import allowed, check
 from lrpretrain.methods import register_method
-from lrpretrain.methods.base import Method, Reparameterized, StepContext
+from lrpretrain.methods.base import Method, Reparameterized, StepContext, dense_param_groups
 from lrpretrain.methods.lora import lora_activation_values
 from lrpretrain.methods.targets import TargetsConfig
 from lrpretrain.methods.toolkit import (
@@ -457,13 +457,9 @@ class DLRT(Method):
         """[K, L, S] of every layer in the ``dlrt`` group; the other parameters as full training's."""
         ours = [p for m in self.layers for p in (m.K, m.L, m.S)]
         ids = {id(p) for p in ours}
-        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
         wd = optim_cfg.weight_decay
-        groups = [{"params": ours, "weight_decay": wd, "dlrt": True},
-                  {"params": [p for p in rest if p.ndim >= 2], "weight_decay": wd}]
-        if any(p.ndim < 2 for p in rest):
-            groups.append({"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0})
-        return groups
+        return [{"params": ours, "weight_decay": wd, "dlrt": True},
+                *dense_param_groups((p for p in model.parameters() if id(p) not in ids), wd)]
 
     def build_optimizer(self, groups: list[dict[str, Any]], optim_cfg: OptimConfig) -> BUGIntegrator:
         c = self.cfg

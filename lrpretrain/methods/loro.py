@@ -50,7 +50,7 @@ from torch import nn
 
 from lrpretrain.errors import allowed, check
 from lrpretrain.methods import register_method
-from lrpretrain.methods.base import Method, StepContext
+from lrpretrain.methods.base import Method, StepContext, dense_param_groups
 from lrpretrain.methods.lora import lora_activation_values
 from lrpretrain.methods.lowrank import factor_cost
 from lrpretrain.methods.targets import TargetsConfig
@@ -132,14 +132,10 @@ class LORO(Method):
     def param_groups(self, model: nn.Module, optim_cfg: OptimConfig) -> list[dict[str, Any]]:
         """The factor pairs [B, A, ...] in one ``loro`` group; the other parameters as full training's."""
         ours = {id(p) for p in self.factors()}
-        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ours]
         wd = optim_cfg.weight_decay
-        groups = [{"params": self.factors(), "weight_decay": wd, "loro": True, "lazy_scale": self.lazy_scale,
-                   "exact_every": self.cfg.exact_every, "update": 0},
-                  {"params": [p for p in rest if p.ndim >= 2], "weight_decay": wd}]
-        if any(p.ndim < 2 for p in rest):
-            groups.append({"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0})
-        return groups
+        return [{"params": self.factors(), "weight_decay": wd, "loro": True, "lazy_scale": self.lazy_scale,
+                 "exact_every": self.cfg.exact_every, "update": 0},
+                *dense_param_groups((p for p in model.parameters() if id(p) not in ours), wd)]
 
     def build_optimizer(self, groups: list[dict[str, Any]], optim_cfg: OptimConfig) -> LOROAdamW:
         return LOROAdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,

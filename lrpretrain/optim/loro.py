@@ -22,13 +22,12 @@ optimizer-state refresh after an exact update and the LR restart belong to the p
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
-from lrpretrain.optim import moments, quant8
-from lrpretrain.optim.adamw import AdamW, adamw_update_
+from lrpretrain.optim import moments
+from lrpretrain.optim.adamw import AdamW
 
 
 def qr_positive(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,34 +102,15 @@ class LOROAdamW(AdamW):
     def step_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         if not group.get("loro"):
             return super().step_param(p, group)
-        state = self.state[p]
-        eight_bit = quant8.use_8bit(p.numel(), group["state_bits"])
-        if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
-            if eight_bit:
-                moments.init_moments(state, p, 8)
-            else:
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["step"] += 1
-        t = int(state["step"].item())
-        beta1, beta2 = group["betas"]
         lr, update = group["lr"], group["update"]
-        m, v = moments.load(state)
-        grad = p.grad
         if (update + 1) % group["exact_every"]:  # lazy: AdamW at lr·(r/d); decay at lr
             if group["weight_decay"]:
                 p.mul_(1 - lr * group["weight_decay"])
-            adamw_update_(p, grad, m, v, lr * group["lazy_scale"], beta1, beta2, group["eps"], 0.0,
-                          1 - beta1**t, math.sqrt(1 - beta2**t))
-        else:  # exact: the moments take this gradient; the pair moves once both have
-            m.lerp_(grad, 1 - beta1)
-            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            state["exact_at"] = update
-        if eight_bit:
-            moments.save(state, m, v)
-        if "exact_at" not in state or state["exact_at"] != update or (update + 1) % group["exact_every"]:
-            return
+            return super().step_param(p, {**group, "lr": lr * group["lazy_scale"], "weight_decay": 0.0})
+        # exact: the moments take this gradient (AdamW at lr 0 moves nothing); the pair moves once both have
+        super().step_param(p, {**group, "lr": 0.0, "weight_decay": 0.0})
+        state = self.state[p]
+        state["exact_at"] = update
         b, a = self._pair[id(p)]
         other = a if p is b else b
         if self.state[other].get("exact_at") != update:
