@@ -3,7 +3,8 @@
 It never asks which method is running. One optimizer update (:meth:`Trainer.train_step`) is:
 fetch the step's micro-batches, set the LR (schedule x method factor), forward + backward each (loss
 normalised by the step's target tokens, so the update does not depend on how the batch is split),
-clip, guard against non-finite values, step, ``method.after_step``. With per-layer updates
+clip, guard against non-finite values, step (an optimizer that ``reevaluates`` gets a closure that runs
+the update's forward and backward again), ``method.after_step``. With per-layer updates
 (:mod:`lrpretrain.train.per_layer`) the last backward clips, guards and steps each parameter itself.
 """
 
