@@ -59,7 +59,8 @@ def test_riemannian_step_with_zero_lr_keeps_the_product():
 
 
 def _adam_direction(m, v, t, b1, b2, eps):
-    return (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+    """The reference's Adam (transformers' form): m / (√v + eps) at step size √(1 - β₂ᵗ) / (1 - β₁ᵗ)."""
+    return m / (v.sqrt() + eps) * (1 - b2**t) ** 0.5 / (1 - b1**t)
 
 
 def test_optimizer_lazy_and_exact_updates_against_hand_written_adam():

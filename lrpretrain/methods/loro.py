@@ -29,8 +29,9 @@ Choices where the paper is silent, taken from the reference code unless said oth
   -warmup`` and its warmup starts at ``min_lr_ratio``; its ramp starts at 1e-6 rather than 0 and
   climbs to the cosine value at the restart rather than to the cosine itself; it has no ramp at the
   update where its warmup ends.
-- Adam's arithmetic is torch.optim.AdamW's (eps added to sqrt(v)/sqrt(1-b2^t)); the reference adds eps
-  to sqrt(v) and folds the bias correction into the step size. The presets keep its eps (1e-6).
+- Adam's arithmetic is the reference's (eps added to √v, the bias correction folded into the step size),
+  for the factors and the dense parameters; decoupled weight decay comes before the update (the
+  reference's after it). The presets keep its eps (1e-6).
 - The exact step's complement bases come from one Householder QR of [Q, Z] (see ``riemannian_step``).
 - The exact step is skipped with its update when the trainer skips a non-finite update; the refresh and
   the LR restart follow the trainer's update count all the same.
@@ -61,8 +62,10 @@ from lrpretrain.methods.toolkit import (
     reparameterized_cost,
     restart_optimizer_state,
     restart_ramp,
+    target_shapes,
 )
 from lrpretrain.optim.loro import LOROAdamW
+from lrpretrain.optim.memory import moment_pair_bytes
 
 if TYPE_CHECKING:
     from lrpretrain.config import ModelConfig, OptimConfig
@@ -162,6 +165,14 @@ class LORO(Method):
     def layer_extra_values(self, model_cfg: ModelConfig) -> float:
         """x·Aᵀ: r values per target and token (no dropout)."""
         return lora_activation_values(model_cfg, self.cfg.rank, list(self.cfg.targets), 0.0)
+
+    def optimizer_state_bytes(self, model_cfg: ModelConfig, optim_cfg: OptimConfig) -> float:
+        """Two moments per trainable tensor (fp32, or 8-bit above bitsandbytes' size threshold), no step
+        tensors (the step count is an integer)."""
+        d, V, L, r = model_cfg.dim, model_cfg.vocab_size, model_cfg.n_layers, self.cfg.rank
+        sizes = [V * d] * (1 if model_cfg.tie_embeddings else 2) + [d] * (2 * L + 1)
+        sizes += [r * x for m, n in target_shapes(model_cfg, list(self.cfg.targets)).values() for x in (m, n)] * L
+        return sum(moment_pair_bytes(s, optim_cfg.state_bits) for s in sizes)
 
     def cost(self, model_cfg: ModelConfig, seq_len: int) -> dict[str, float]:
         """As the low-rank baseline: r(m + n) parameters per target, 6r(m + n) FLOPs per token (the exact

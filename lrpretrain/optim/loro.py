@@ -1,14 +1,20 @@
-"""LORO's optimizer (Mo, Huang, Pan, ICLR 2025; mzf666/LORO-main ``loro_torch/loro_optim.py``): AdamW
-whose parameter groups marked ``loro`` hold the factor pairs of W = B·A, updated in two ways.
+"""LORO's optimizer (Mo, Huang, Pan, ICLR 2025; mzf666/LORO-main ``loro_torch/loro_optim.py``): Adam
+for every parameter, with the parameter groups marked ``loro`` holding the factor pairs of W = B·A,
+which update in two ways.
 
-- Lazy update (every update but one in K): each factor takes an AdamW step with its learning rate
-  scaled by ``lazy_scale`` (the reference's ``lr_scaler``, r/d): B <- B - lr·(r/d)·N_B, likewise A,
-  N the Adam-normalised gradient. Decoupled weight decay uses the unscaled lr, as the reference.
+- Lazy update (every update but one in K): each factor takes an Adam step with its learning rate scaled
+  by ``lazy_scale`` (the reference's ``lr_scaler``, r/d): B <- B - lr·(r/d)·f·N_B, likewise A.
 - Exact update (the update with index u, 0-based, where (u + 1) mod K == 0): both factors' moments take
   the update's gradient, then W = B·A moves by -lr·ξ on the manifold of rank-r matrices and is
-  retracted there (:func:`riemannian_step`), ξ the tangent vector built from the two Adam-normalised
-  directions, as the reference (its Algorithm 1 writes the raw gradients ∇B, ∇A; its code passes the
+  retracted there (:func:`riemannian_step`), ξ the tangent vector built from the two directions f·N,
+  as the reference (its Algorithm 1 writes the raw gradients ∇B, ∇A; its code passes the
   Adam-normalised ones). No weight decay in the exact update (the reference's).
+
+Adam's arithmetic is the reference's (transformers' AdamW form, as the GaLore family here): N = m / (√v
++ eps) with f = √(1 - β₂ᵗ) / (1 - β₁ᵗ) (:func:`lrpretrain.optim.moments.normalized`, ``hf``), for the
+factors and for the other parameters (embeddings, head, norms) alike. Decoupled weight decay
+p <- p(1 - lr·λ) comes before the update (the reference applies it after, at the bias-corrected step
+size for the factors; every published run uses λ = 0).
 
 The group holds ``[B₀, A₀, B₁, A₁, ...]`` (B: m x r, A: r x n), ``exact_every`` (K), ``lazy_scale``
 and ``update``: the number of updates done, which the method plugin sets after every update from the
@@ -27,7 +33,7 @@ from typing import Any
 import torch
 
 from lrpretrain.optim import moments
-from lrpretrain.optim.adamw import AdamW
+from lrpretrain.optim.base import ParamwiseOptimizer
 
 
 def qr_positive(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,13 +81,17 @@ def riemannian_step(B: torch.Tensor, A: torch.Tensor, dB: torch.Tensor, dA: torc
     return basis_b @ (u[:, :r] * root), (root[:, None] * vh[:r]) @ basis_a.T
 
 
-class LOROAdamW(AdamW):
-    """AdamW (torch's arithmetic) for every group; groups with ``loro=True`` hold factor pairs (see the
-    module docstring) and step lazily or exactly."""
+class LOROAdamW(ParamwiseOptimizer):
+    """Adam (the reference's arithmetic) for every group; groups with ``loro=True`` hold factor pairs (see
+    the module docstring) and step lazily or exactly."""
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, state_bits: int = 32):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, state_bits=state_bits)
+        if lr < 0 or eps <= 0 or not all(0 <= b < 1 for b in betas) or weight_decay < 0 or state_bits not in (8, 32):
+            raise ValueError(f"invalid LOROAdamW hyperparameters: lr={lr}, betas={betas}, eps={eps}, "
+                             f"weight_decay={weight_decay}, state_bits={state_bits}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+                                  "state_bits": state_bits})
         self._pair: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for group in self.param_groups:
             if not group.get("loro"):
@@ -100,15 +110,16 @@ class LOROAdamW(AdamW):
                 group["update"] = done
 
     def step_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        if not group.get("loro"):
-            return super().step_param(p, group)
-        lr, update = group["lr"], group["update"]
-        if (update + 1) % group["exact_every"]:  # lazy: AdamW at lr·(r/d); decay at lr
-            if group["weight_decay"]:
-                p.mul_(1 - lr * group["weight_decay"])
-            return super().step_param(p, {**group, "lr": lr * group["lazy_scale"], "weight_decay": 0.0})
-        # exact: the moments take this gradient (AdamW at lr 0 moves nothing); the pair moves once both have
-        super().step_param(p, {**group, "lr": 0.0, "weight_decay": 0.0})
+        direction = self._adam(p, group)  # f·N, with this update's gradient in the moments
+        lr, wd = group["lr"], group["weight_decay"]
+        update = group.get("update", 0)
+        exact = group.get("loro") and (update + 1) % group["exact_every"] == 0
+        if not exact:  # a plain Adam step; the factors' lazy one at lr·(r/d)
+            if wd:
+                p.mul_(1 - lr * wd)
+            scale = group["lazy_scale"] if group.get("loro") else 1.0
+            p.add_(direction.to(p.dtype), alpha=-lr * scale)
+            return
         state = self.state[p]
         state["exact_at"] = update
         b, a = self._pair[id(p)]
@@ -119,10 +130,19 @@ class LOROAdamW(AdamW):
         b.copy_(new_b.to(b.dtype))
         a.copy_(new_a.to(a.dtype))
 
+    def _adam(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """Update ``p``'s moments with its gradient; returns the direction f·N."""
+        state = self.state[p]
+        if not moments.has_moments(state):
+            moments.init_moments(state, p, group["state_bits"])
+        beta1, beta2 = group["betas"]
+        moments.update(state, p.grad, beta1, beta2)
+        return self._direction(p, group)
+
     def _direction(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-        """Adam's bias-corrected direction f·N of ``p`` from its moments (the update is lr·f·N)."""
+        """Adam's direction f·N of ``p`` from its moments (the update is lr·f·N)."""
         state = self.state[p]
         beta1, beta2 = group["betas"]
         m, v = moments.load(state)
-        n, f = moments.normalized(m, v, int(state["step"].item()), beta1, beta2, group["eps"], "torch")
+        n, f = moments.normalized(m, v, state["adam_step"], beta1, beta2, group["eps"], "hf")
         return n.mul_(f)
