@@ -14,7 +14,7 @@ from test_errors import one_line
 
 from lrpretrain.methods import StepContext, get_method
 from lrpretrain.methods.dlrt import BUGIntegrator, DLRTLinear, truncation_rank
-from lrpretrain.model import build_model
+from lrpretrain.model import build_model, lm_loss
 from lrpretrain.train import load_config
 
 from conftest import TINY
@@ -278,3 +278,28 @@ def test_checkpoint_carries_the_ranks_and_ranks_are_logged():
 def test_bad_values_are_one_clear_line(cli, tmp_path, args, expected):
     one_line(cli("train", *TINY, f"run.dir={tmp_path / 'run'}", "method=dlrt", *args), expected)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_recompute_leaves_both_passes_unchanged(mode):
+    """Block recomputation re-runs the factorised forward in both passes: the update (new ranks, factors)
+    is the one without it, bit for bit."""
+    from lrpretrain.train.recompute import apply_recompute
+
+    ids = torch.randint(0, 8192, (2, 32), generator=torch.Generator().manual_seed(0))
+    states = []
+    for recompute in ("none", mode):
+        cfg, plugin, model, _ = _built("method.rank=16", "method.tol=0.3", "optim.lr=0.01")
+        apply_recompute(model, recompute, 1, plugin)
+        opt = plugin.build_optimizer(plugin.param_groups(model, cfg.optim), cfg.optim)
+        lm_loss(model(ids), ids)[0].backward()
+
+        def closure(m=model):
+            loss = lm_loss(m(ids), ids)[0]
+            loss.backward()
+            return loss.item()
+
+        opt.step(closure)
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert plugin.ranks() != [16] * 14
+    assert states[0].keys() == states[1].keys() and all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -371,7 +371,7 @@ class BUGIntegrator(AdamW):
         finally:
             for p in frozen:
                 p.requires_grad_(True)
-        return float(loss)
+        return float("nan") if loss is None else float(loss)
 
     def _finish(self, layer: DLRTLinear, U: torch.Tensor, V: torch.Tensor, group: dict[str, Any]) -> int:
         """Truncate (rank-adaptive) and set the layer's new factors; move K's, L's and S's moments."""
