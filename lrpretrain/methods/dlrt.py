@@ -299,7 +299,7 @@ class BUGIntegrator(AdamW):
         self.layers = layers
         self.adaptive, self.kls_optimizer = adaptive, kls_optimizer
         self.tol, self.min_rank, self.max_rank, self.max_norm = tol, min_rank, max_rank, max_norm
-        self.stats: dict[str, float] = {}
+        self.stats: dict[str, float] = {}  # of the last update, for the metrics
 
     def step_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         if group.get("dlrt"):
@@ -352,12 +352,12 @@ class BUGIntegrator(AdamW):
                         if p.grad is not None:
                             super().step_param(p, g)
             # 5. truncation, the new factors and the moments in their bases
-            ranks = [self._finish(layer, U, V, group) for layer, (U, V) in zip(self.layers, old)]
+            for layer, (U, V) in zip(self.layers, old):
+                self._finish(layer, U, V, group)
         finally:
             for layer in self.layers:
                 layer.galerkin = None
-        self.stats = {"galerkin_loss": loss, "galerkin_grad_norm": float(norm), "galerkin_skipped": float(not finite),
-                      "rank_sum": float(sum(ranks))}
+        self.stats = {"galerkin_grad_norm": float(norm), **({} if finite else {"galerkin_skipped": 1})}
         return loss
 
     def _galerkin_pass(self, closure) -> float:
@@ -373,7 +373,7 @@ class BUGIntegrator(AdamW):
                 p.requires_grad_(True)
         return float("nan") if loss is None else float(loss)
 
-    def _finish(self, layer: DLRTLinear, U: torch.Tensor, V: torch.Tensor, group: dict[str, Any]) -> int:
+    def _finish(self, layer: DLRTLinear, U: torch.Tensor, V: torch.Tensor, group: dict[str, Any]) -> None:
         """Truncate (rank-adaptive) and set the layer's new factors; move K's, L's and S's moments."""
         U_hat, core, V_hat = layer.galerkin
         U_hat, S1, V_hat = _hp(U_hat), _hp(core.detach()), _hp(V_hat)
@@ -388,7 +388,6 @@ class BUGIntegrator(AdamW):
         self._transport(layer.L, None, U1.T @ U, group)  # L's along U
         layer.galerkin = None
         layer.set_factors_(U1, S1, V1)
-        return layer.rank
 
     def _substep(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], lr: float,
                  weight_decay: float) -> torch.Tensor:
@@ -472,8 +471,9 @@ class DLRT(Method):
         return [m.rank for m in self.layers]
 
     def after_step(self, ctx: StepContext) -> None:
+        """Log every target's rank (model order), their mean, and the S-step's gradient norm."""
         ranks = self.ranks()
-        ctx.log({"ranks": ranks, "rank_mean": sum(ranks) / max(len(ranks), 1)})
+        ctx.log({"ranks": ranks, "rank_mean": sum(ranks) / max(len(ranks), 1), **getattr(ctx.optimizer, "stats", {})})
 
     # -- accounting ---------------------------------------------------------------------------------------
     def layer_extra_values(self, model_cfg: ModelConfig) -> float:
