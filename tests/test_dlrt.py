@@ -267,7 +267,6 @@ def test_checkpoint_carries_the_ranks_and_ranks_are_logged():
     (["method.rank=16", "method.max_rank=8"], "method.max_rank=8 is invalid: must be >= method.rank=16"),
     (["method.tol=0"], "method.tol=0.0 is invalid: must be in (0, 1)"),
     (["method.tol=1"], "method.tol=1.0 is invalid: must be in (0, 1)"),
-    (["method.tol=-0.5"], "method.tol=-0.5 is invalid: must be in (0, 1)"),
     (["method.min_rank=0"], "method.min_rank=0 is invalid: must be in [1, method.rank=128]"),
     (["method.rank=8", "method.min_rank=9"], "method.min_rank=9 is invalid: must be in [1, method.rank=8]"),
     (["method.integrator=implicit"], "method.integrator='implicit' is invalid: allowed: adaptive, fixed"),

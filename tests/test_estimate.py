@@ -82,7 +82,6 @@ MEASURED = [
     ["method=full", "trainer.batch_size=4", "trainer.per_layer_update=true"],
     ["method=cola_m", "method.rank=32", "trainer.precision=bf16"],  # autocast's cached bf16 weight copies
     ["method=dlrt", "method.rank=16"],  # the peak is in the S-step's second forward (dense gradients held)
-    ["method=dlrt", "method.rank=16", "method.integrator=fixed", "trainer.recompute=full"],
     ["method=loro", "method.rank=16", "trainer.per_layer_update=true"],
 ]
 
