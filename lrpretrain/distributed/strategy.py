@@ -33,8 +33,8 @@ What a strategy must implement (subclass :class:`Strategy`, decorate with ``@reg
   multiply by the world size). DeepSpeed: ``engine.backward``.
 - ``clip_and_step``: clip by the global gradient norm (``max_norm`` > 0), skip everything if the loss
   or the norm is not finite, step (with the trainer's ``closure`` when it passes one); return a
-  :class:`StepOutcome`. An engine that clips and steps
-  itself (DeepSpeed) calls its ``engine.step()`` here and reports its norm.
+  :class:`StepOutcome`. An engine that clips and steps itself (DeepSpeed) calls its ``engine.step()``
+  here and reports its norm.
 - ``save_checkpoint``/``load_checkpoint``: the whole run state. ``state`` is the trainer's dict
   (counters, schedule, method state: equal on every rank) and ``rank_state`` this rank's own (data
   position, RNGs). The strategy writes model and optimizer in its own format (safetensors + torch for
