@@ -19,6 +19,15 @@ from typing import Any
 import torch
 
 
+def adam_defaults(name: str, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                  state_bits: int) -> dict[str, Any]:
+    """The default group of an Adam-family optimizer, its values checked (one ValueError naming ``name``)."""
+    if lr < 0 or eps <= 0 or not all(0 <= b < 1 for b in betas) or weight_decay < 0 or state_bits not in (8, 32):
+        raise ValueError(f"invalid {name} hyperparameters: lr={lr}, betas={betas}, eps={eps}, "
+                         f"weight_decay={weight_decay}, state_bits={state_bits}")
+    return {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "state_bits": state_bits}
+
+
 class ParamwiseOptimizer(torch.optim.Optimizer):
     """Base class: subclasses implement :meth:`step_param`."""
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from lrpretrain.optim import moments
-from lrpretrain.optim.base import ParamwiseOptimizer
+from lrpretrain.optim.base import ParamwiseOptimizer, adam_defaults
 
 
 def qr_positive(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,11 +87,7 @@ class LOROAdamW(ParamwiseOptimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, state_bits: int = 32):
-        if lr < 0 or eps <= 0 or not all(0 <= b < 1 for b in betas) or weight_decay < 0 or state_bits not in (8, 32):
-            raise ValueError(f"invalid LOROAdamW hyperparameters: lr={lr}, betas={betas}, eps={eps}, "
-                             f"weight_decay={weight_decay}, state_bits={state_bits}")
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
-                                  "state_bits": state_bits})
+        super().__init__(params, adam_defaults("LOROAdamW", lr, betas, eps, weight_decay, state_bits))
         self._pair: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for group in self.param_groups:
             if not group.get("loro"):
