@@ -11,7 +11,9 @@ same overrides: seed, data order, batch, sequence length, steps, LR schedule, va
 METHOD:KEY=VALUE`` adds an override for one method only. For each method the table gives the final
 validation perplexity, the trainable and total parameters (counted on the built model), the median
 step time and tokens/s over the updates after ``--skip`` warm-up updates, and the analytic training
-FLOPs per token of the method's ``cost()``. Results go to ``benchmarks/results/<name>.json`` and
+FLOPs per token of the method's ``cost()``, and the bytes of the weights (parameters and buffers:
+quantized codes included) and of the optimizer's state, measured on the run's last checkpoint.
+Results go to ``benchmarks/results/<name>.json`` and
 ``<name>.md`` with the command, the machine and the load average around each run (timings taken
 while other jobs share the CPU are noisy: compare them only within one table).
 
@@ -99,7 +101,22 @@ def run_one(method: str, overrides: list[str], run_dir: Path, skip: int) -> dict
     if "ranks" in train[-1]:  # a rank-adaptive method (DLRT): every target's rank after the last update, and
         row["final_ranks"] = train[-1]["ranks"]  # the trajectory (step, mean, min, max rank) of every update
         row["rank_trajectory"] = [(r["step"], r["rank_mean"], min(r["ranks"]), max(r["ranks"])) for r in train]
+    row.update(stored_bytes(run_dir))
     return row
+
+
+def stored_bytes(run_dir: Path) -> dict[str, int]:
+    """Bytes of the weights (parameters and buffers, quantized codes included) and of the optimizer's
+    state at the end of the run, measured on its last checkpoint's tensors."""
+    import torch
+    from safetensors import safe_open
+
+    last = max((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:]))
+    with safe_open(str(last / "model.safetensors"), framework="pt") as f:
+        weights = sum(f.get_tensor(k).nbytes for k in f.keys())
+    state = torch.load(last / "train_state.pt", weights_only=True)["optimizer"]["state"]
+    states = sum(v.nbytes for s in state.values() for v in s.values() if isinstance(v, torch.Tensor))
+    return {"weight_bytes": weights, "optimizer_state_bytes": states}
 
 
 def markdown(result: dict) -> str:
@@ -109,15 +126,17 @@ def markdown(result: dict) -> str:
              f"{result['machine']['torch']} ({result['machine']['torch_threads']} threads). Budget: "
              f"{result['tokens_per_method']:,} tokens per method ({result['steps']} updates). Load average "
              "(1 min) before each run in the last column: timings are comparable within this table only.", "",
-             "| method | final val ppl | trainable params | total params | step time (median) | tokens/s | "
-             "GFLOPs/token (analytic) | load |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | final val ppl | trainable params | total params | weights | optimizer states | "
+             "step time (median) | tokens/s | GFLOPs/token (analytic) | load |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    mib = lambda r, k: f"{r[k] / 2**20:.2f} MiB" if k in r else "-"  # noqa: E731  (older results lack them)
     for r in result["rows"]:
         if r["exit_code"] != 0:
-            lines.append(f"| {r['method']} | failed (exit {r['exit_code']}) | | | | | | |")
+            lines.append(f"| {r['method']} | failed (exit {r['exit_code']}) | | | | | | | | |")
             continue
         lines.append(f"| {r['method']} | {r['final_val_ppl']:.1f} | {r['trainable_params'] / 1e6:.2f}M | "
-                     f"{r['params'] / 1e6:.2f}M | {r['median_step_s']:.2f} s | {r['median_tokens_per_s']:,.0f} | "
+                     f"{r['params'] / 1e6:.2f}M | {mib(r, 'weight_bytes')} | {mib(r, 'optimizer_state_bytes')} | "
+                     f"{r['median_step_s']:.2f} s | {r['median_tokens_per_s']:,.0f} | "
                      f"{r['flops_per_token'] / 1e9:.4f} | {r['loadavg_before'][0]:.1f} |")
     for r in result["rows"]:
         if "final_ranks" in r:

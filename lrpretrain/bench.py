@@ -9,7 +9,10 @@ and ``--steps`` timed; one more update is measured for memory. What is reported:
 - ``mfu`` = flops_per_token (the plugin's analytic ``cost()``) x tokens_per_s / peak FLOP/s. On CUDA
   the peak is the device's dense bf16 (or fp32) figure from :data:`PEAK_FLOPS`; on the CPU there is
   no such figure, so it is *measured*: the best of a few large fp32 matmuls on the run's threads
-  (``peak_flops_source`` says which);
+  (``peak_flops_source`` says which). ``--peak-flops`` gives the peak instead (a device missing from
+  the table, or a peak measured once for many runs, as the GPU suite's CPU dry run does);
+- ``warmup_s``: each warmup update's time (the first holds one-off work: CUDA start-up, GaLore's
+  first SVDs, torch.compile);
 - memory, on CUDA from the caching allocator: ``peak_bytes`` = ``torch.cuda.max_memory_allocated()``
   over the measured update (reserved bytes too). On the CPU there is no allocator statistic:
   ``peak_bytes`` = the exact bytes of every tensor alive when the update starts (parameters, buffers,
@@ -167,10 +170,14 @@ def machine() -> dict[str, Any]:
     return out
 
 
-def bench(overrides: list[str], warmup: int = 2, steps: int = 5, memory: bool = True) -> dict[str, Any]:
-    """Build the run as training does, time ``steps`` updates after ``warmup``, measure one more."""
+def bench(overrides: list[str], warmup: int = 2, steps: int = 5, memory: bool = True,
+          peak_flops: float | None = None) -> dict[str, Any]:
+    """Build the run as training does, time ``steps`` updates after ``warmup``, measure one more.
+    ``peak_flops``: the FLOP/s that MFU is relative to (default: the CUDA table, or measured on the CPU)."""
     if warmup < 0 or steps < 1:
         raise UserError(f"--warmup={warmup} --steps={steps} is invalid: need warmup >= 0 and steps >= 1")
+    if peak_flops is not None and not peak_flops > 0:
+        raise UserError(f"--peak-flops={peak_flops} is invalid: need a FLOP/s figure > 0, e.g. 989e12")
     threads = torch.get_num_threads()  # trainer.threads sets it process-wide; restored on the way out
     with tempfile.TemporaryDirectory(prefix="lrpretrain-bench-") as tmp:
         forced = [f"run.dir={tmp}/run", "trainer.eval_at_start=false", "trainer.eval_every=0", "data.val_tokens=0",
@@ -179,21 +186,24 @@ def bench(overrides: list[str], warmup: int = 2, steps: int = 5, memory: bool = 
         cfg, resolved = load_config([*overrides, *forced])
         trainer = build_trainer(cfg, resolved)
         try:
-            return _measure(cfg, trainer, warmup, steps, memory)
+            return _measure(cfg, trainer, warmup, steps, memory, peak_flops)
         finally:
             trainer.data.close()
             trainer.logger.close()
             torch.set_num_threads(threads)
 
 
-def _measure(cfg, trainer, warmup: int, steps: int, memory: bool) -> dict[str, Any]:
+def _measure(cfg, trainer, warmup: int, steps: int, memory: bool, peak_flops: float | None) -> dict[str, Any]:
     device = trainer.device
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     tokens_per_update = cfg.trainer.batch_size * cfg.data.seq_len
+    warmup_times = []
     for _ in range(warmup):
+        t0 = time.perf_counter()
         trainer.train_step()
-    sync()
+        sync()
+        warmup_times.append(time.perf_counter() - t0)
     times, losses = [], []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -201,8 +211,10 @@ def _measure(cfg, trainer, warmup: int, steps: int, memory: bool) -> dict[str, A
         sync()
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
-    bf16 = trainer.precision == "bf16"
-    if cuda:
+    bf16 = trainer.precision != "fp32"  # bf16 autocast or pure bf16: the bf16 peak
+    if peak_flops is not None:
+        source = "given (--peak-flops)"
+    elif cuda:
         peak_flops, source = cuda_peak_flops(device, bf16)
     else:
         peak_flops = cpu_peak_flops()
@@ -211,7 +223,8 @@ def _measure(cfg, trainer, warmup: int, steps: int, memory: bool) -> dict[str, A
         "model": cfg.model.name, "method": cfg.method.name, "recompute": cfg.trainer.recompute,
         "per_layer_update": cfg.trainer.per_layer_update, "precision": trainer.precision, "device": str(device),
         "micro_batch_size": cfg.trainer.micro_batch_size, "batch_size": cfg.trainer.batch_size,
-        "seq_len": cfg.data.seq_len, "warmup": warmup, "steps": steps, "step_s": step_s, "steps_s": times,
+        "seq_len": cfg.data.seq_len, "warmup": warmup, "steps": steps, "warmup_s": warmup_times, "step_s": step_s,
+        "steps_s": times,
         "tokens_per_s": tokens_per_update / step_s, "flops_per_token": trainer.flops_per_token,
         "peak_flops": peak_flops, "peak_flops_source": source,
         "mfu": trainer.flops_per_token * tokens_per_update / step_s / peak_flops if peak_flops else None,
@@ -319,15 +332,19 @@ def format_result(r: dict[str, Any]) -> str:
 
 
 def main(args: list[str]) -> int:
-    """``lrpretrain bench [overrides] [--warmup N] [--steps N] [--no-memory] [--json PATH]``."""
-    opts, flags, overrides = split_options(args, "bench", {"--warmup": "N", "--steps": "N", "--json": "PATH"},
-                                           ("--no-memory",))
+    """``lrpretrain bench [overrides] [--warmup N] [--steps N] [--no-memory] [--peak-flops F] [--json PATH]``."""
+    opts, flags, overrides = split_options(args, "bench", {"--warmup": "N", "--steps": "N", "--json": "PATH",
+                                                           "--peak-flops": "989e12"}, ("--no-memory",))
     memory = "--no-memory" not in flags
     try:
         warmup, steps = int(opts.get("--warmup", "2")), int(opts.get("--steps", "5"))
     except ValueError as e:
         raise UserError(f"--warmup and --steps must be integers ({e})") from e
-    result = bench(overrides, warmup, steps, memory)
+    try:
+        peak = float(opts["--peak-flops"]) if "--peak-flops" in opts else None
+    except ValueError as e:
+        raise UserError(f"--peak-flops must be a number of FLOP/s, e.g. 989e12 ({e})") from e
+    result = bench(overrides, warmup, steps, memory, peak)
     result["machine"] = machine()
     result["command"] = "lrpretrain bench " + " ".join(args)
     print(format_result(result))

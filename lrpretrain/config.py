@@ -14,6 +14,7 @@ method and the strategy together, is :func:`lrpretrain.train.load_config`.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -60,7 +61,7 @@ class DataConfig:
     """Where the text comes from and how it becomes rows of tokens."""
 
     name: str = MISSING
-    source: str = "embedded"  # embedded | jsonl | hf
+    source: str = "embedded"  # embedded | jsonl | hf | shards
     files: list[str] = field(default_factory=list)  # jsonl: training files (C4 schema, optionally .gz)
     val_files: list[str] = field(default_factory=list)  # jsonl: validation files
     hf_path: str = "allenai/c4"  # hf: dataset on the hub, streamed
@@ -68,6 +69,8 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "validation"
     text_field: str = "text"
+    path: str = ""  # shards: a directory written by `lrpretrain prepare-data pretokenize ... out=DIR`
+    verify: str = "lazy"  # shards: lazy (each shard's CRC when first mapped) | size (sizes only) | full (every CRC at open)
     tokenizer: str = "embedded"  # "embedded", a tokenizer.json path, or a hub id (t5-base)
     eos_token: str = "</s>"
     pad_token: str = "<pad>"
@@ -78,13 +81,17 @@ class DataConfig:
     val_tokens: int = 100_000  # fixed held-out budget (non-pad tokens)
 
     def validate(self) -> None:
-        _one_of("data.source", self.source, ("embedded", "jsonl", "hf"))
+        _one_of("data.source", self.source, ("embedded", "jsonl", "hf", "shards"))
+        _one_of("data.verify", self.verify, ("lazy", "size", "full"))
         _one_of("data.mode", self.mode, ("pack", "truncate"))
         check(self.seq_len > 1, "data.seq_len", self.seq_len, "must be > 1")
         check(self.shuffle_block >= 1, "data.shuffle_block", self.shuffle_block, "must be >= 1")
         check(self.val_tokens >= 0, "data.val_tokens", self.val_tokens, "must be >= 0")
         if self.source == "jsonl":
             check(len(self.files) > 0, "data.files", list(self.files), "data=jsonl needs at least one file")
+        if self.source == "shards":
+            check(bool(self.path), "data.path", self.path,
+                  "data=shards needs the directory written by `lrpretrain prepare-data pretokenize ... out=DIR`")
 
 
 @dataclass
@@ -117,6 +124,8 @@ class OptimConfig:
 
 
 RECOMPUTE = ("none", "full", "selective", "method")
+PRECISIONS = ("auto", "fp32", "bf16", "pure_bf16")
+BF16_UPDATES = ("stochastic", "nearest", "kahan")
 PER_LAYER_CLIP = ("global", "param")
 
 
@@ -133,9 +142,13 @@ class TrainerConfig:
     ckpt_checksum: bool = True  # crc32 of every checkpoint file, verified on load
     resume: str = "auto"  # auto | never | PATH to a checkpoint directory
     log_every: int = 1
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast, fp32 master weights) | pure_bf16 (bf16 weights,
+    # gradients and activations, no fp32 copy; lrpretrain/optim/bf16.py)
+    precision: str = "auto"
+    bf16_update: str = "stochastic"  # pure_bf16: how the fp32 update is rounded into bf16 weights: stochastic | nearest | kahan
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile the model
+    compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: dynamo + AOTAutograd, no code generation)
     threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
     on_nonfinite: str = "skip"  # skip the update | stop the run
     max_nonfinite: int = 10  # consecutive skipped updates before stopping anyway
@@ -151,7 +164,8 @@ class TrainerConfig:
             check(getattr(self, f) >= 0, f"trainer.{f}", getattr(self, f), "must be >= 0")
         check(self.resume in ("auto", "never") or bool(self.resume), "trainer.resume", self.resume,
               "allowed: auto, never, or a checkpoint directory")
-        _one_of("trainer.precision", self.precision, ("auto", "fp32", "bf16"))
+        _one_of("trainer.precision", self.precision, PRECISIONS)
+        _one_of("trainer.bf16_update", self.bf16_update, BF16_UPDATES)
         _one_of("trainer.device", self.device, ("auto", "cpu", "cuda"))
         _one_of("trainer.on_nonfinite", self.on_nonfinite, ("skip", "stop"))
         check(self.max_nonfinite > 0, "trainer.max_nonfinite", self.max_nonfinite, "must be > 0")
@@ -159,6 +173,14 @@ class TrainerConfig:
         check(self.recompute_every >= 1, "trainer.recompute_every", self.recompute_every,
               "must be >= 1 (1 checkpoints every block, k every k-th)")
         _one_of("trainer.per_layer_clip", self.per_layer_clip, PER_LAYER_CLIP)
+        if self.compile:
+            _one_of("trainer.compile_backend", self.compile_backend, _compile_backends())
+
+    def resolved_precision(self, cuda: bool) -> str:
+        """``fp32``, ``bf16`` (autocast) or ``pure_bf16``; ``auto`` is bf16 on CUDA and fp32 elsewhere."""
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if cuda else "fp32"
 
 
 STRATEGIES = ("single", "ddp", "fsdp2", "deepspeed")
@@ -282,10 +304,50 @@ def job_slug(override_dirname: str) -> str:
     return slug
 
 
+SHARDS_MANIFEST = "manifest.json"  # written last by `prepare-data pretokenize`: its presence marks a complete directory
+
+
+def shards_manifest(path: str) -> dict[str, Any]:
+    """The manifest of the token shards in ``path`` (data.path of data=shards), or one ConfigError line:
+    no path, no such directory, a preparation that has not finished, not a manifest. The format
+    itself is checked by :mod:`lrpretrain.data.shards`."""
+    if not path:
+        raise ConfigError("data.path is empty: data=shards needs data.path=DIR, a directory written by "
+                          "`lrpretrain prepare-data pretokenize <data overrides> out=DIR`")
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"data.path={path} does not exist: write token shards there with "
+                          f"`lrpretrain prepare-data pretokenize <data overrides> out={path}`")
+    manifest = root / SHARDS_MANIFEST
+    if not manifest.is_file():
+        raise ConfigError(f"data.path={path} holds no {SHARDS_MANIFEST}: its preparation has not finished "
+                          "(rerun the same `lrpretrain prepare-data pretokenize` command to complete it) "
+                          "or it is not a token-shard directory")
+    try:
+        out = json.loads(manifest.read_text())
+        assert isinstance(out, dict) and isinstance(out.get("data"), dict)
+        return out
+    except (OSError, ValueError, AssertionError) as e:
+        raise ConfigError(f"{manifest} is not a token-shard manifest ({type(e).__name__}); "
+                          "prepare the shards again") from e
+
+
+def shards_setting(path: str, key: str) -> Any:
+    """``${lrp_shards:${.path},KEY}`` (conf/data/shards.yaml): data.KEY of the data config the shards were
+    prepared with, so that data=shards rows and orders them as the source would unless overridden."""
+    data = shards_manifest(path)["data"]
+    if key not in data:
+        raise ConfigError(f"{Path(path) / SHARDS_MANIFEST} does not record data.{key}; prepare the shards again")
+    return data[key]
+
+
 def register_resolver() -> None:
-    """``${lrp_slug:...}`` (hydra.sweep.subdir in conf/config.yaml)."""
+    """``${lrp_slug:...}`` (hydra.sweep.subdir in conf/config.yaml) and ``${lrp_shards:...}``
+    (conf/data/shards.yaml)."""
     if not OmegaConf.has_resolver("lrp_slug"):
         OmegaConf.register_new_resolver("lrp_slug", job_slug)
+    if not OmegaConf.has_resolver("lrp_shards"):
+        OmegaConf.register_new_resolver("lrp_shards", shards_setting)
 
 
 # A method plugin's name -> its config dataclass (every registered plugin; lrpretrain.methods has them).
@@ -402,6 +464,9 @@ def to_typed(cfg: DictConfig, method_schema: Callable[[str], type]) -> Config:
     try:
         OmegaConf.resolve(cfg)
     except Exception as e:
+        own = e.__cause__ or e.__context__
+        if isinstance(own, ConfigError):  # a resolver's own one-line error (lrp_shards)
+            raise own from e
         raise ConfigError(f"cannot resolve config: {_first_line(e)}") from e
     for section in ("model", "data", "optim", "trainer", "distributed", "eval", "logging", "run"):
         schema = {f.name: f for f in fields(Config)}[section].type
@@ -449,6 +514,14 @@ def validate_across_sections(cfg: Config, world_size: int) -> None:
     check(t.batch_size % per_step == 0, "trainer.batch_size", t.batch_size,
           f"must be a multiple of trainer.micro_batch_size x world_size = {t.micro_batch_size} x {world_size}")
     check(cfg.trainer.device != "cuda" or _cuda_available(), "trainer.device", "cuda", "no CUDA device is available")
+
+
+def _compile_backends() -> tuple[str, ...]:
+    """torch.compile's registered backends, those tagged as debugging tools (aot_eager, eager) included,
+    torch's own test fixtures left out."""
+    from torch._dynamo import list_backends
+
+    return tuple(b for b in list_backends(exclude_tags=()) if "TESTING_ONLY" not in b)
 
 
 def _cuda_available() -> bool:

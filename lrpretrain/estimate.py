@@ -8,24 +8,33 @@ milliseconds on any machine. The memory model is that of *this* trainer, measure
 they describe, below the plugins that use them too: :mod:`lrpretrain.model.memory` (a LLaMA's
 activations and buffers) and :mod:`lrpretrain.optim.memory` (optimizer states and step temporaries).
 
-- **weights**: fp32 master parameters (also under bf16 autocast) + buffers (RoPE tables, SLTrain's
-  support indices) + a method's own tensors (SwitchLoRA's candidate pools);
+Three precisions (``trainer.precision``): ``fp32``; ``bf16`` (autocast over fp32 master weights);
+``pure_bf16`` (bf16 weights, gradients and activations, no fp32 copy; :mod:`lrpretrain.optim.bf16`).
+
+- **weights**: parameters, fp32 (also under bf16 autocast) or bf16 (pure bf16), + buffers (RoPE
+  tables, fp32 in every mode; SLTrain's support indices) + a method's own tensors (SwitchLoRA's
+  candidate pools);
 - **optimizer states**: the plugin's analytic bytes (Adam moments, fp32 or blockwise 8-bit, GaLore's
-  stored bases, ...);
-- **gradients**: fp32, one per trainable parameter; with per-layer updates (and no gradient
-  accumulation) only one is alive at a time: the largest;
+  stored bases in ``method.basis_dtype``, ...), plus the bf16 compensation buffers of
+  ``trainer.bf16_update=kahan``;
+- **gradients**: one per trainable parameter, in the parameters' dtype; with per-layer updates (and no
+  gradient accumulation) only one is alive at a time: the largest;
 - **activations**: what autograd keeps for the backward of one micro-batch after its forward,
   for the chosen ``trainer.recompute`` (per-layer formulas that equal the saved-tensor bytes
   measured on the CPU; tests/test_estimate.py), the embedding's token ids, the final norm, the LM head
   input and the loss's log-softmax; under bf16 autocast also the bf16 copies of the weights that
   autocast caches for the whole forward;
 - **transients**: the loss's logits copies at the end of the forward, the logits' gradient at the
-  start of the backward, and the optimizer's per-tensor temporaries.
+  start of the backward, the optimizer's per-tensor temporaries (under pure bf16 with the fp32
+  working copies of the stepped weight and its gradient), and what a method's own work adds inside the
+  backward of its costliest update (``backward_temp_bytes``: LoQT's full gradient of a quantized
+  weight with its SVD at an update step).
 
 Peak = weights + optimizer states + the largest of three moments of an update:
   end of forward:      activations + loss transients (+ gradients of earlier micro-batches)
   start of backward:   activations + logits gradient + the LM head's gradient; with per-layer updates
-                       the LM head's step instead (its gradient and the step's temporaries)
+                       the LM head's step instead (its gradient and the step's temporaries); + the
+                       method's own backward work
   optimizer step:      every gradient + the step's temporaries (global step only)
   second forward/backward (a method whose optimizer evaluates the loss again inside its step, DLRT):
                        that pass's activations and transients + what the method holds through it
@@ -49,7 +58,6 @@ from lrpretrain.model.memory import (
     outside_layers_bytes,
     rope_bytes,
 )
-from lrpretrain.optim.memory import optimizer_temp_bytes
 from lrpretrain.options import split_options
 from lrpretrain.train import load_config
 
@@ -81,6 +89,7 @@ class Estimate:
     peak: float
     peak_at: str  # end of forward | start of backward | optimizer step | second forward | second backward
     budget: float | None = None
+    quantized_params: float = 0.0  # weights stored quantized in buffers (LoQT, Q-GaLore), not in ``params``
 
     @property
     def fits(self) -> bool | None:
@@ -94,32 +103,31 @@ def precision_of(cfg: Config) -> str:
     """The trainer's precision on the device the estimate is for: ``trainer.precision``, or for
     ``auto`` bf16 (autocast on CUDA) unless ``trainer.device=cpu`` (fp32). An estimate is for a GPU
     run unless it says otherwise, whatever machine computes it."""
-    if cfg.trainer.precision != "auto":
-        return cfg.trainer.precision
-    return "fp32" if cfg.trainer.device == "cpu" else "bf16"
+    return cfg.trainer.resolved_precision(cfg.trainer.device != "cpu")
 
 
 def estimate(cfg: Config, budget: float | None = None, precision: str | None = None,
-             world_size: int = 1, pure_bf16: bool = False) -> Estimate:
+             world_size: int = 1) -> Estimate:
     """The analytic estimate for a validated config (nothing is built).
 
-    ``pure_bf16``: the papers' accounting instead of this trainer's: parameters, gradients and
-    32-bit optimizer states held in bf16 (GaLore's reference casts the whole model to bf16; no fp32
-    master weights, no autocast copies). ``lrpretrain train`` does not train this way.
+    ``precision`` (``fp32``, ``bf16`` or ``pure_bf16``) overrides the config's, resolved for the
+    device (:func:`precision_of`); ``bench`` passes the precision it measured.
     """
     t, mc = cfg.trainer, cfg.model
     plugin = get_method(cfg.method.name)(cfg.method, mc)
     T, B = cfg.data.seq_len, t.micro_batch_size
     accum = t.batch_size // (B * world_size)
-    precision = "pure bf16" if pure_bf16 else (precision or precision_of(cfg))
-    bf16 = precision != "fp32"
-    wb = 2.0 if pure_bf16 else 4.0  # bytes per parameter and per gradient entry
+    precision = precision or precision_of(cfg)
+    pure = precision == "pure_bf16"
+    wb = 2.0 if pure else 4.0  # bytes per parameter and per gradient entry
     cost = plugin.cost(mc, T)
     params, trainable = cost["params"], cost["trainable_params"]
     bits = min(cfg.optim.state_bits, getattr(cfg.method, "state_bits", 32))  # either asks for 8-bit moments
 
     weights = wb * params + cost.get("buffer_bytes", rope_bytes(mc)) + cost.get("method_state_bytes", 0.0)
-    states = float(plugin.optimizer_state_bytes(mc, cfg.optim)) * (0.5 if pure_bf16 and bits == 32 else 1.0)
+    states = float(plugin.optimizer_state_bytes(mc, cfg.optim))
+    if pure and t.bf16_update == "kahan":  # a bf16 compensation buffer per trained bf16 weight
+        states += 2.0 * cost.get("kahan_params", trainable)
     largest = float(cost.get("largest_trainable", largest_trainable(mc)))
     all_grads = wb * trainable
     in_backward = t.per_layer_update and not (t.per_layer_clip == "global" and accum > 1)
@@ -127,27 +135,32 @@ def estimate(cfg: Config, budget: float | None = None, precision: str | None = N
 
     tokens = B * T
     try:
-        layers = plugin.activation_bytes(mc, t.recompute, t.recompute_every, bf16)
+        layers = plugin.activation_bytes(mc, t.recompute, t.recompute_every, precision)
     except NotImplementedError as e:  # a third-party policy without an activation model
         raise UserError(f"cannot estimate trainer.recompute={t.recompute} for method '{cfg.method.name}': {e}; "
                         "trainer.recompute=none gives an upper bound") from e
-    per_token = layers + outside_layers_bytes(mc, T, bf16)
+    per_token = layers + outside_layers_bytes(mc, T, precision)
     saved = tokens * per_token
     embeddings = mc.vocab_size * mc.dim * (1 if mc.tie_embeddings else 2)
-    cast = autocast_weight_bytes(params - embeddings + mc.vocab_size * mc.dim) if bf16 and not pure_bf16 else 0.0
+    cast = autocast_weight_bytes(params - embeddings + mc.vocab_size * mc.dim) if precision == "bf16" else 0.0
     activations = saved + cast
-    fwd_t, bwd_t = (tokens * x for x in loss_transient_bytes(mc, T, bf16))
+    fwd_t, bwd_t = (tokens * x for x in loss_transient_bytes(mc, T, precision))
     earlier = all_grads if accum > 1 else 0.0  # gradients of the earlier micro-batches, held meanwhile
     head_grad = wb * mc.vocab_size * mc.dim
-    step_temp = optimizer_temp_bytes(largest, bits)
+    # the costliest single-parameter step: the optimizer's temporaries (under pure bf16 with the fp32
+    # working copies of the weight and its gradient that the step runs on, lrpretrain/optim/bf16.py)
+    step_temp = float(plugin.step_temp_bytes(mc, cfg.optim, precision))
     log_softmax = tokens * 4.0 * mc.vocab_size * (T - 1) / T  # in the activations, freed first in the backward
+    # the method's own work inside the backward (LoQT's full gradient of W and its SVD at an update step)
+    method_temp = float(plugin.backward_temp_bytes(mc, cfg.optim, precision, tokens, accum, t.recompute,
+                                                   t.recompute_every))
     moments = {"end of forward": activations + fwd_t + earlier}
     if in_backward:  # the LM head's step runs early in the backward, beside nearly every activation
-        moments["start of backward"] = activations - log_softmax + max(earlier, head_grad) + step_temp
+        moments["start of backward"] = activations - log_softmax + max(earlier, head_grad) + step_temp + method_temp
     else:
-        moments["start of backward"] = activations + bwd_t + max(earlier, head_grad)
+        moments["start of backward"] = activations + bwd_t + max(earlier, head_grad) + method_temp
         moments["optimizer step"] = all_grads + step_temp
-    second = plugin.second_pass_bytes(mc, T, t.recompute, t.recompute_every, bf16, wb)
+    second = plugin.second_pass_bytes(mc, T, t.recompute, t.recompute_every, precision, wb)
     if second is not None:  # a second forward and backward inside the optimizer's step (DLRT's S-step)
         saved2, held = tokens * second[0] + cast, second[1]
         moments["second forward"] = saved2 + fwd_t + held
@@ -163,7 +176,8 @@ def estimate(cfg: Config, budget: float | None = None, precision: str | None = N
                     recompute=t.recompute, per_layer_update=t.per_layer_update, precision=precision, state_bits=bits,
                     params=params, trainable_params=trainable, flops_per_token=cost["flops_per_token"],
                     weights=weights, optimizer_states=states, gradients=grads_kept, activations=activations,
-                    transients=transients, peak=peak, peak_at=peak_at, budget=budget)
+                    transients=transients, peak=peak, peak_at=peak_at, budget=budget,
+                    quantized_params=cost.get("quantized_params", 0.0))
 
 
 # -- budgets and output -------------------------------------------------------------------------------------
@@ -195,9 +209,10 @@ def format_estimate(e: Estimate) -> str:
         f"{e.model} | method {e.method} | {e.micro_batch_size} x {e.seq_len} tokens per micro-batch, "
         f"accumulation {e.accumulation} | recompute {e.recompute} | per-layer updates "
         f"{'on' if e.per_layer_update else 'off'} | {e.precision} | optimizer states {e.state_bits}-bit",
-        f"parameters      {e.params / 1e6:10.2f} M ({e.trainable_params / 1e6:.2f} M trainable)",
+        f"parameters      {e.params / 1e6:10.2f} M ({e.trainable_params / 1e6:.2f} M trainable)"
+        + (f" + {e.quantized_params / 1e6:.2f} M stored quantized" if e.quantized_params else ""),
         f"FLOPs per token {e.flops_per_token / 1e9:10.3f} GFLOP (training: forward + backward)",
-        f"weights          {_gib(e.weights)}   {'bf16' if e.precision == 'pure bf16' else 'fp32'} parameters + buffers",
+        f"weights          {_gib(e.weights)}   {'bf16' if e.precision == 'pure_bf16' else 'fp32'} parameters + buffers",
         f"optimizer states {_gib(e.optimizer_states)}",
         f"gradients        {_gib(e.gradients)}   {grads}",
         f"activations      {_gib(e.activations)}   saved for the backward of one micro-batch",
@@ -212,13 +227,12 @@ def format_estimate(e: Estimate) -> str:
 
 def main(args: list[str]) -> int:
     """``lrpretrain estimate [overrides] [--budget SIZE] [--json]``."""
-    values, flags, overrides = split_options(args, "estimate", {"--budget": "24GB"}, ("--pure-bf16", "--json"))
+    if "--pure-bf16" in args:
+        raise UserError("--pure-bf16 is not an option any more: pure bf16 is a training mode (bf16 weights, "
+                        "gradients and activations); use trainer.precision=pure_bf16")
+    values, flags, overrides = split_options(args, "estimate", {"--budget": "24GB"}, ("--json",))
     budget = parse_budget(values["--budget"]) if "--budget" in values else None
-    as_json, pure = "--json" in flags, "--pure-bf16" in flags
     cfg, _ = load_config(overrides)
-    e = estimate(cfg, budget, pure_bf16=pure)
-    print(json.dumps(e.as_dict(), indent=1) if as_json else format_estimate(e))
-    if pure and not as_json:
-        print("(--pure-bf16: the papers' accounting, bf16 weights/gradients/states; lrpretrain train keeps fp32 "
-              "master weights and autocasts)")
+    e = estimate(cfg, budget)
+    print(json.dumps(e.as_dict(), indent=1) if "--json" in flags else format_estimate(e))
     return 0

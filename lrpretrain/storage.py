@@ -18,6 +18,7 @@ import errno
 import os
 import re
 import shutil
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -155,3 +156,12 @@ def atomic_write_text(path: Path, text: str, after: str = "") -> None:
             tmp.unlink(missing_ok=True)
             raise
         fsync_dir(path.parent)
+
+
+def crc32(path: str | os.PathLike) -> int:
+    """CRC-32 of a file's bytes, read in 4 MiB pieces (zlib releases the GIL on each)."""
+    crc = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            crc = zlib.crc32(chunk, crc)
+    return crc

@@ -37,13 +37,14 @@ from omegaconf import DictConfig, OmegaConf
 from lrpretrain.comm import rank
 from lrpretrain.config import conf_dir, job_slug, register_resolver, to_dictconfig, world_size_from_env
 from lrpretrain.errors import ConfigError, UserError
+from lrpretrain.metrics import read_records
+from lrpretrain.report import JOB_FILE, sweep_jobs, throughput, write_report
 from lrpretrain.storage import atomic_write_text
 from lrpretrain.train import train
 from lrpretrain.train.assemble import compose, register_configs, to_typed, validate_config
 from lrpretrain.train.lock import RunLock
 from lrpretrain.train.rundir import config_differences
 
-JOB_FILE = "sweep_job.json"
 SUMMARY_FIELDS = ("job", "method", "overrides", "status", "step", "val_loss", "val_ppl", "tokens_per_s",
                   "peak_mem_mb", "run_dir", "error")
 _stopped_by: str | None = None  # a signal pre-empted a job of this process: start no further job
@@ -310,32 +311,16 @@ def _print_plan(cfg: DictConfig, jobs: list[list[str]] | None, fixed: list[str],
 # Summary
 
 
-def _metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:  # a line cut by a crash
-            pass
-    return out
-
-
 def job_row(run_dir: Path) -> dict[str, Any]:
     """One summary row from a job directory: its job file, config.yaml and metrics.jsonl."""
     info = _read_json(run_dir / JOB_FILE) or {}
-    recs = _metrics(run_dir)
+    recs = read_records(run_dir / "metrics.jsonl")
     steps = [r for r in recs if r.get("loss") is not None]
     vals = [r for r in recs if r.get("val_ppl") is not None]
     method = None
     if (run_dir / "config.yaml").exists():
         method = OmegaConf.select(OmegaConf.load(run_dir / "config.yaml"), "method.name")
-    # Throughput: tokens over seconds of the logged steps, without the first step (warm-up).
-    timed = [r for r in steps if r.get("step", 0) > 1 and r.get("step_time")]
-    seconds = sum(r["step_time"] for r in timed)
-    tokens_per_s = sum(r["tokens_per_s"] * r["step_time"] for r in timed) / seconds if seconds > 0 else None
+    tokens_per_s = throughput(recs)[0]  # the logged steps without the first (warm-up)
     peaks = [r["peak_mem_mb"] for r in steps if r.get("peak_mem_mb") is not None]
     return {
         "job": run_dir.name, "method": method, "overrides": info.get("swept", ""),
@@ -348,9 +333,7 @@ def job_row(run_dir: Path) -> dict[str, Any]:
 
 def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
     """Rows for every job directory (one holding a ``sweep_job.json``) of the sweep, in job order."""
-    dirs = [p.parent for p in Path(sweep_dir).glob(f"*/{JOB_FILE}")]
-    order = {d: ((_read_json(d / JOB_FILE) or {}).get("num", math.inf), d.name) for d in dirs}
-    return [job_row(d) for d in sorted(dirs, key=order.__getitem__)]
+    return [job_row(d) for d in sweep_jobs(sweep_dir)]
 
 
 def _cell(v: Any, digits: int = 2) -> str:
@@ -372,10 +355,17 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
-    """Write ``summary.jsonl`` and ``summary.md`` into the sweep directory; returns the rows."""
+    """Write ``summary.jsonl`` and ``summary.md`` into the sweep directory, and the report beside them
+    (:mod:`lrpretrain.report`: report.md and its plots); returns the rows."""
     rows = summarize(sweep_dir)
     atomic_write_text(Path(sweep_dir) / "summary.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     note = ("Peak memory: CUDA max allocated on a GPU, peak resident set size of the process on the CPU. "
             "tokens/s: the logged steps after the first.\n")
     atomic_write_text(Path(sweep_dir) / "summary.md", f"# Sweep {sweep_dir}\n\n{markdown_table(rows)}\n{note}")
+    runs = [d for d in sweep_jobs(sweep_dir) if (d / "config.yaml").exists()]  # a job refused before training has none
+    if runs:
+        try:
+            write_report(runs, Path(sweep_dir), [Path(sweep_dir)])
+        except UserError as e:  # e.g. no matplotlib: the summary stands without the report
+            print(f"sweep: warning: the report was not written: {e}", file=sys.stderr)
     return rows

@@ -25,6 +25,11 @@ os.environ.pop("WANDB_MODE", None)
 os.environ.pop("LRPRETRAIN_DEBUG", None)
 
 REPO = Path(__file__).resolve().parents[1]
+# `python -m pytest` in the checkout puts its root on sys.path, where kernels/ would shadow the PyPI package
+# `kernels` that transformers imports (the export and eval tests load transformers)
+from lrpretrain.paths import unshadow_pypi_kernels  # noqa: E402
+
+unshadow_pypi_kernels()
 USER_CACHE = Path(os.environ.get("LRPRETRAIN_CACHE") or Path.home() / ".cache" / "lrpretrain").expanduser()
 
 # A tiny, fast configuration for end-to-end runs (llama_tiny, 64-token rows, 4 sequences per update).
@@ -127,3 +132,18 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, corpus) -> dict[str, Path]:
+    """Two finished llama_tiny runs for the tools that read runs (generate, export, eval, report):
+    ``full`` (untied head) and ``lora`` (rank-8 adapters, tied embeddings), 4 updates each, evaluated at 2 and 4."""
+    from lrpretrain.cli.main import main
+
+    root = tmp_path_factory.mktemp("tiny_runs")
+    common = [*TINY, "trainer.max_steps=4", "trainer.eval_every=2", "trainer.ckpt_every=2", "optim.lr=0.003",
+              "logging.progress=none"]
+    runs = {"full": [], "lora": ["method=lora", "method.rank=8", "model.tie_embeddings=true"]}
+    for name, extra in runs.items():
+        assert main(["train", *common, *extra, f"run.dir={root / name}"]) == 0
+    return {name: root / name for name in runs}

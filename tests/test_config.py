@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from lrpretrain.config import conf_dir, group_options
@@ -10,11 +12,15 @@ from lrpretrain.train import load_config
 
 
 @pytest.mark.parametrize("group", ["model", "method", "data", "optim", "trainer"])
-def test_every_yaml_in_every_group_composes(group):
+def test_every_yaml_in_every_group_composes(group, tmp_path):
     options = group_options(group)
     assert options, group
+    # data=shards takes its settings from the manifest of the shards it reads (here a stand-in)
+    (tmp_path / "manifest.json").write_text(json.dumps({"data": {"mode": "pack", "seq_len": 128, "shuffle_block": 64,
+                                                                 "seed": 0, "val_tokens": 1000, "eos_token": "</s>",
+                                                                 "pad_token": "<pad>"}}))
     for name in options:
-        extra = ["data.files=[x.jsonl]"] if group == "data" and name == "jsonl" else []
+        extra = {"jsonl": ["data.files=[x.jsonl]"], "shards": [f"data.path={tmp_path}"]}.get(name, []) if group == "data" else []
         cfg, resolved = load_config([f"{group}={name}", *extra])
         assert resolved[group] is not None
         if group in ("model", "data", "method"):
@@ -72,7 +78,13 @@ def test_overrides_reach_the_typed_config():
      "trainer.batch_size=10 is invalid: must be a multiple of trainer.micro_batch_size x world_size = 4 x 1"),
     (["model.n_heads=3"], "model.n_heads=3 is invalid: must divide model.dim=256"),
     (["data=jsonl"], "data=jsonl needs at least one file"),
+    (["data=shards"], "data.path is empty: data=shards needs data.path=DIR, a directory written by `lrpretrain "
+                      "prepare-data pretokenize"),
+    (["data=shards", "data.path=/nonexistent/shards"], "data.path=/nonexistent/shards does not exist"),
+    (["data.verify=often"], "data.verify='often' is invalid: allowed: lazy, size, full"),
     (["optim.min_lr_ratio=0"], "optim.min_lr_ratio=0.0 is invalid: must be in (0, 1]"),
+    (["trainer.compile=true", "trainer.compile_backend=inductr"],
+     "trainer.compile_backend='inductr' is invalid: allowed: aot_eager, "),
 ])
 def test_bad_config_is_one_clear_line(overrides, expected):
     with pytest.raises(ConfigError) as e:

@@ -92,10 +92,10 @@ def _epoch_documents(cfg: DataConfig, tok, rank: int, world: int) -> list[tuple[
     """This rank's documents of epoch 0."""
     s = TokenStream(cfg, tok, 1, rank=rank, world_size=world)
     docs = []
-    for pos, ids in s._documents(Position()):
-        if pos.epoch > 0:
+    for epoch, *_, ids in s._documents(Position()):
+        if epoch > 0:
             return docs
-        docs.append(tuple(ids))
+        docs += [tuple(d.tolist()) for d in ids]
     raise AssertionError("unreachable")
 
 

@@ -42,6 +42,8 @@ REFUSED = [
     (["method=fira", "method.rank=8"], "method 'fira' cannot run under distributed=deepspeed: its optimizer needs"),
     (["method=loro", "method.rank=8"], "method 'loro' cannot run under distributed=deepspeed: its optimizer needs"),
     (["method=dlrt", "method.rank=8"], "method 'dlrt' cannot run under distributed=deepspeed: its optimizer needs"),
+    (["method=gradnorm_lorp", "method.rank=8"],
+     "method 'gradnorm_lorp' cannot run under distributed=deepspeed: its optimizer needs"),
     (["optim.state_bits=8"], "optim.state_bits=8 cannot run under distributed=deepspeed"),
     (["trainer.compile=true"], "trainer.compile=true is not supported with distributed=deepspeed"),
     (["distributed.zero_stage=0"], "distributed.zero_stage=0 is plain data parallelism"),
@@ -60,7 +62,7 @@ def test_refused_combinations_fail_at_config_time_with_one_line(cli, tmp_path, e
     assert not run.exists()
 
 
-@pytest.mark.parametrize("method", ["full", "lowrank", "lora", "sltrain", "cola", "cola_m", "crnet"])
+@pytest.mark.parametrize("method", ["full", "lowrank", "lora", "sltrain", "lost", "cola", "cola_m", "crnet"])
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_methods_without_periodic_edits_are_accepted(method, stage):
     cfg, _ = load_config([*DS, f"method={method}", f"distributed.zero_stage={stage}"], world_size=2)
@@ -93,6 +95,7 @@ STAGES = (1, 2, 3)
 # the ranks draw their dropout masks from their own RNG streams).
 METHODS = {"lowrank": (1, ["method.rank=16", "method.lora_dropout=0"]),
            "sltrain": (3, ["method.rank=16"]),
+           "lost": (3, ["method.rank=16", "method.sparsity=0.1"]),  # its int64 channel buffer beside partitions
            "cola_m": (3, ["method.rank=16", "trainer.recompute=method"]),  # its recomputation under ZeRO-3
            "crnet": (3, ["method.rank=16"])}  # its 1-element gates β partitioned too
 LORA_RESUME = ["method=lora", "method.rank=16", "distributed.zero_stage=3"]  # dropout on: per-rank RNGs resume

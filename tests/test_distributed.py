@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import dist_worker  # noqa: F401  (registers method=test_kill, which the FSDP2 runs use)
 from conftest import TINY, losses
@@ -28,7 +30,10 @@ CRNET = ["method=crnet", "method.rank=8"]
 RELORA = ["method=relora", "method.rank=8", "method.lora_dropout=0", "method.merge_every=2",
           "method.restart_warmup_steps=0"]
 LORO = ["method=loro", "method.rank=8", "method.exact_every=2", "method.restart_warmup_steps=1"]  # exact at 2, 4
+LOST = ["method=lost", "method.rank=8", "method.sparsity=0.1"]  # its SVD surgery runs on the meta device
+GRADNORM = ["method=gradnorm_lorp", "method.rank=8", "method.update_proj_gap=2"]
 PER_LAYER = ["trainer.per_layer_update=true"]
+PURE = ["trainer.precision=pure_bf16"]
 TOL = 2e-5  # losses of ~9: float summation order only
 
 
@@ -51,8 +56,8 @@ def close(a: dict[int, float], b: dict[int, float], tol: float = TOL) -> bool:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, corpus) -> Path:
-    """One launch: DDP/FSDP2 x (full, per-layer), GaLore and ReLoRA under FSDP2, init check, refusals,
-    a pre-emption signal seen by one rank."""
+    """One launch: DDP/FSDP2 x (full, per-layer), GaLore, ReLoRA, CR-Net, LOST and GradNormLoRP under FSDP2
+    (GradNormLoRP under DDP too), init check, refusals, a pre-emption signal seen by one rank."""
     root = tmp_path_factory.mktemp("dist")
 
     def job(name: str, *args: str, run: str | None = None) -> dict:
@@ -74,6 +79,14 @@ def runs(tmp_path_factory, corpus) -> Path:
         job("fsdp2_crnet", "distributed=fsdp2", *CRNET),
         job("ddp_loro", "distributed=ddp", *LORO),
         job("ddp_loro_pl", "distributed=ddp", *LORO, *PER_LAYER),
+        # pure bf16: bf16 parameters sharded as they are (no mixed-precision policy), stochastic rounding of
+        # each shard's update (bits by position: as one process rounds), per-layer updates, DDP
+        job("fsdp2_pure", "distributed=fsdp2", *PURE),
+        job("fsdp2_pure_pl", "distributed=fsdp2", *PURE, *PER_LAYER),
+        job("ddp_pure", "distributed=ddp", *PURE, "trainer.bf16_update=kahan"),
+        job("fsdp2_lost", "distributed=fsdp2", *LOST),
+        job("fsdp2_gradnorm", "distributed=fsdp2", *GRADNORM),
+        job("ddp_gradnorm", "distributed=ddp", *GRADNORM),
         {**job("signal", "distributed=fsdp2", "method=test_kill"),
          "env": {"LRP_TEST_SIGNAL_AT": "3", "LRP_TEST_SIGNAL_RANK": "1"}},
     ]
@@ -88,7 +101,8 @@ def single(tmp_path_factory, corpus) -> Path:
     from lrpretrain.cli.main import main
 
     root = tmp_path_factory.mktemp("single")
-    for name, args in {"full": [], "galore": GALORE, "relora": RELORA, "crnet": CRNET, "loro": LORO}.items():
+    for name, args in {"full": [], "galore": GALORE, "relora": RELORA, "crnet": CRNET, "loro": LORO, "lost": LOST,
+                       "gradnorm": GRADNORM, "pure": PURE, "pure_kahan": [*PURE, "trainer.bf16_update=kahan"]}.items():
         assert main(["train", *COMMON, f"run.dir={root / name}", *args]) == 0
     return root
 
@@ -138,6 +152,27 @@ def test_loro_under_ddp(runs, single):
     assert close(losses(runs / "ddp_loro_pl"), losses(runs / "ddp_loro"), 1e-6)
 
 
+def test_pure_bf16_under_fsdp2_and_ddp(runs, single):
+    """bf16 weights: the sharded runs follow one process's (their fp32 gradient sums differ in order only,
+    so a stochastic rounding decision differs now and then: a looser tolerance than fp32's); per-layer
+    updates equal the global step under FSDP2; the checkpoints hold bf16 weights."""
+    ref = losses(single / "pure")
+    assert len(ref) == 4 and losses(runs / "fsdp2_pure")[1] == pytest.approx(ref[1], abs=TOL)
+    assert close(losses(runs / "fsdp2_pure"), ref, 2e-3)
+    assert close(losses(runs / "fsdp2_pure_pl"), losses(runs / "fsdp2_pure"), 1e-6)
+    assert close(losses(runs / "ddp_pure"), losses(single / "pure_kahan"), 2e-3)
+    weights = load_file(str(runs / "ddp_pure" / "checkpoints" / "step_4" / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+
+
+def test_lost_and_gradnorm_lorp_under_ddp_and_fsdp2(runs, single):
+    """LOST's SVD split and channel buffers built on the meta device and filled from rank 0; GradNormLoRP's
+    weight-normalised directions projected whole under FSDP2 (magnitudes sharded), and under DDP."""
+    assert close(losses(runs / "fsdp2_lost"), losses(single / "lost"))
+    assert close(losses(runs / "fsdp2_gradnorm"), losses(single / "gradnorm"))
+    assert close(losses(runs / "ddp_gradnorm"), losses(single / "gradnorm"))
+
+
 def test_fsdp2_checkpoints_are_sharded_dcp(runs):
     ckpt = runs / "fsdp2" / "checkpoints" / "step_4"
     meta = json.loads((ckpt / "meta.json").read_text())
@@ -150,6 +185,22 @@ def test_generate_reads_a_sharded_checkpoint(runs, cli):
     r = cli("generate", f"run.dir={runs / 'fsdp2'}", "prompt=To be", "max_new_tokens=4")
     assert r.code == 0, r.err
     assert r.out.startswith("To be")
+
+
+def test_export_reads_a_sharded_checkpoint(runs, cli, tmp_path):
+    """FSDP2's dcp/ checkpoint exports as one transformers model computing what the run's model computes."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from lrpretrain.train.trained import load_trained
+
+    r = cli("export", f"run.dir={runs / 'fsdp2'}", f"out={tmp_path / 'hf'}")
+    assert r.code == 0, r.err
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, local_files_only=True)
+    ours = load_trained(runs / "fsdp2").model
+    ids = torch.randint(0, 8192, (1, 32))
+    with torch.no_grad():
+        assert (hf(ids).logits - ours(ids)).abs().max().item() <= 1e-5
 
 
 def test_refusals_reach_every_rank(runs):

@@ -21,6 +21,8 @@ TWO = ["model=llama_tiny", "trainer.batch_size=4", "trainer.micro_batch_size=2"]
     (["distributed=fsdp2", "optim.state_bits=8"], 2, "optim.state_bits=8 is not supported with distributed.strategy=fsdp2"),
     (["distributed=fsdp2", "method=galore", "method.rank=8", "method.state_bits=8"], 2,
      "method.state_bits=8 is not supported with distributed.strategy=fsdp2"),
+    (["distributed=fsdp2", "method=gradnorm_lorp", "method.rank=8", "method.state_bits=8"], 2,
+     "method.state_bits=8 is not supported with distributed.strategy=fsdp2"),
     (["distributed=fsdp2", "method=switchlora", "method.rank=8"], 2,
      "method=switchlora is not supported with distributed.strategy=fsdp2: its VectorwiseAdamW"),
     (["distributed=fsdp2", "method=sst", "method.rank=8"], 2, "method=sst is not supported with distributed.strategy=fsdp2"),
@@ -32,6 +34,8 @@ TWO = ["model=llama_tiny", "trainer.batch_size=4", "trainer.micro_batch_size=2"]
      "method=dlrt is not supported with distributed.strategy=fsdp2: its integrator changes the parameters' shapes"),
     (["distributed=fsdp2", "method=loro", "method.rank=8"], 2,
      "method=loro is not supported with distributed.strategy=fsdp2: its exact Riemannian step takes QR"),
+    (["distributed=fsdp2", "model.tie_embeddings=true"], 2,
+     "model.tie_embeddings=true is not supported with distributed.strategy=fsdp2"),
 ])
 def test_bad_values_are_one_line(args, world, expected):
     with pytest.raises(ConfigError) as e:
@@ -44,6 +48,9 @@ def test_every_other_method_passes_config_under_ddp_and_fsdp2():
         load_config([*TWO, f"distributed={strategy}", "method=galore", "method.rank=8"], world_size=2)
     load_config([*TWO, "distributed=ddp", "method=switchlora", "method.rank=8"], world_size=2)
     load_config([*TWO, "distributed=ddp", "method=loro", "method.rank=8"], world_size=2)
+    for strategy in ("ddp", "fsdp2"):
+        for method in (["method=lost", "method.rank=8"], ["method=gradnorm_lorp", "method.rank=8"]):
+            load_config([*TWO, f"distributed={strategy}", *method], world_size=2)
 
 
 def test_ddp_without_torchrun_is_one_line(cli, tmp_path, monkeypatch):

@@ -104,4 +104,5 @@ def test_debug_shows_the_traceback(cli, tmp_path, monkeypatch):
 def test_unknown_command(cli):
     r = cli("fly")
     assert r.code == 2 and r.err.strip() == ("lrpretrain: error: unknown command 'fly'; "
-                                             "allowed: train, generate, prepare-data, sweep-summary, bench, estimate")
+                                             "allowed: train, generate, export, eval, prepare-data, sweep-summary, report, bench, "
+                                             "estimate")

@@ -32,7 +32,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("checkpoint", "metrics"),                  # run-state files; metric sinks
     ("distributed",),                           # strategies: wrap, step, save and load a built run
     ("train",),                                 # assembles a run (config loading, checks across parts), the loop
-    ("estimate", "generate", "sweep"),          # tools over a run
+    ("estimate", "generate", "export"),         # tools over a run
+    ("report",),                                # tables and plots of runs, with their estimates
+    ("sweep", "evaluation"),                    # a sweep ends with its report; eval runs on an export
     ("bench",),                                 # measures a run, beside its estimate
     ("cli",),                                   # the command line
 ]

@@ -59,6 +59,14 @@ def test_materialised_init(tiny):
     assert tiny.lm_head.weight.data_ptr() != tiny.embed_tokens.weight.data_ptr()  # untied
 
 
+def test_tied_embeddings_stay_tied_when_materialised():
+    """to_empty gives every module its own parameter: build_model ties the head to the embedding again."""
+    cfg, _ = load_config(["model=llama_tiny", "model.tie_embeddings=true"])
+    m = build_model(cfg.model)
+    assert m.lm_head.weight is m.embed_tokens.weight
+    assert sum(p.numel() for p in m.parameters()) == param_count(cfg.model)
+
+
 def test_same_seed_same_weights():
     cfg, _ = load_config(["model=llama_tiny"])
     torch.manual_seed(1)

@@ -68,6 +68,8 @@ METHODS = {
     "relora": ["method=relora", "method.rank=8", "method.merge_every=2", "method.restart_warmup_steps=1"],
     "periodic_lora": ["method=periodic_lora", "method.rank=8", "method.unload_every=2", "method.unload=momentum"],
     "sltrain": ["method=sltrain", "method.rank=8"],
+    "lost": ["method=lost", "method.rank=8", "method.sparsity=0.1"],
+    "gradnorm_lorp": ["method=gradnorm_lorp", "method.update_proj_gap=2"],
     "switchlora": ["method=switchlora", "method.rank=8", "method.interval=2", "method.adam_warm_step=1"],
     "sst": ["method=sst", "method.rank=8", "method.round_steps=2"],
     "cola": ["method=cola", "method.rank=8"],
@@ -75,6 +77,11 @@ METHODS = {
     # LORO: lazy updates 1 and 3, exact Riemannian steps at 2 and 4 (the pair's second factor moves both)
     "loro": ["method=loro", "method.rank=8", "method.exact_every=2", "method.restart_warmup_steps=1"],
     # (DLRT is refused at config time: its integrator needs every layer's K- and L-step before the S-step)
+    # quantized weights: LoQT's full gradient of W at updates 0 and 2 (taken in the first of the two
+    # backward passes) and merges after them; Q-GaLore's INT8 weights rounded stochastically
+    "loqt": ["method=loqt", "method.rank=8", "method.update_proj_gap=2", "method.compensation_iterations=2",
+             "method.reset_optimizer=true"],
+    "q_galore": ["method=q_galore", "method.rank=8", "method.update_proj_gap=2"],
 }
 
 

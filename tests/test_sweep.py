@@ -38,6 +38,10 @@ def test_sweep_of_two_methods_then_rerun_skips_both(cli, tmp_path):
     md = (sw / "summary.md").read_text()
     assert "| method=full | full | method=full | complete | 2 |" in md and "| method=galore | galore |" in md
     assert "| job | method | overrides | status |" in r.out
+    report = (sw / "report.md").read_text()  # the report with its plots, beside the summary
+    assert "| method=full | full | llama_tiny |" in report and "| method=galore | galore |" in report
+    assert all((sw / png).stat().st_size > 1000 for png in ("val_ppl.png", "train_loss.png", "throughput.png",
+                                                             "memory.png"))
     before = {x["job"]: (sw / x["job"] / "metrics.jsonl").read_text() for x in rows}
 
     r = cli("train", *args)  # the same sweep again: both jobs are finished

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from lrpretrain.checkpoint.files import crc32, fsync_file, tensor_bytes, unshared
+from lrpretrain.checkpoint.files import fsync_file, tensor_bytes, unshared
 from lrpretrain.errors import CheckpointError, StorageError
 from lrpretrain.storage import (
     atomic_write_text,
+    crc32,
     free_bytes,
     fsync_dir,
     guarded_write,

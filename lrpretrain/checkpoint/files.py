@@ -1,21 +1,12 @@
-"""The file-level pieces of a checkpoint: CRC32s, fsync, tensor sizes, safetensors' no-sharing rule."""
+"""The file-level pieces of a checkpoint: fsync, tensor sizes, safetensors' no-sharing rule."""
 
 from __future__ import annotations
 
 import os
-import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
-
-
-def crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            crc = zlib.crc32(chunk, crc)
-    return crc
 
 
 def fsync_file(path: Path) -> None:

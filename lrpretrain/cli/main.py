@@ -3,9 +3,16 @@
     lrpretrain train [overrides]            train (or resume) a model; see README for the keys
     lrpretrain train -m [overrides]         a sweep (Hydra multirun): key=a,b runs one job per value
                                             (--dry-run: list the jobs and the sbatch script, run nothing)
-    lrpretrain sweep-summary SWEEP_DIR      write a sweep's summary.jsonl and summary.md again
-    lrpretrain generate run.dir=PATH [...]  sample text from a run's latest checkpoint
+    lrpretrain sweep-summary SWEEP_DIR      write a sweep's summary.jsonl, summary.md and report again
+    lrpretrain generate run.dir=PATH [...]  sample text from a run's latest checkpoint (KV cache)
+    lrpretrain export run.dir=PATH out=DIR  write the run as a Hugging Face LlamaForCausalLM directory
+    lrpretrain eval run.dir=PATH tasks=[..] lm-evaluation-harness tasks on the exported model
+    lrpretrain report PATH... [--out DIR]   report.md and plots comparing runs and sweeps
     lrpretrain prepare-data [embedded]      prepare the embedded corpus and tokenizer now
+    lrpretrain prepare-data pretokenize [data overrides] out=DIR [num_proc=N] [max_tokens=N]
+                                            [val_max_tokens=N] [progress=auto|bar|lines|none]
+                                            token shards of a source, for data=shards data.path=DIR
+    lrpretrain prepare-data verify DIR      check every token shard in DIR (sizes, CRC-32)
     lrpretrain bench [overrides] [--steps N] measure step time, tokens/s, MFU and peak memory
     lrpretrain estimate [overrides] [--budget 24GB]  parameters, FLOPs and peak memory, analytically
 
@@ -20,7 +27,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from lrpretrain import bench, estimate
+from lrpretrain import bench, estimate, evaluation, export, report
+from lrpretrain.data.pretokenize import Options, pretokenize
+from lrpretrain.data.shards import verify_directory
 from lrpretrain.data_recipes import embedded
 from lrpretrain.errors import UserError
 from lrpretrain.generate import generate_from_run
@@ -39,8 +48,24 @@ def cmd_train(args: list[str]) -> int:
 
 
 def cmd_generate(args: list[str]) -> int:
-    print(generate_from_run(args))
+    texts = generate_from_run(args)
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            print(f"{'' if i == 0 else chr(10)}=== sample {i + 1} of {len(texts)} ===")
+        print(text)
     return 0
+
+
+def cmd_export(args: list[str]) -> int:
+    return export.main(args)
+
+
+def cmd_eval(args: list[str]) -> int:
+    return evaluation.main(args)
+
+
+def cmd_report(args: list[str]) -> int:
+    return report.main(args)
 
 
 def cmd_sweep_summary(args: list[str]) -> int:
@@ -50,10 +75,48 @@ def cmd_sweep_summary(args: list[str]) -> int:
     return 0
 
 
+PRETOKENIZE_KEYS = {"out": "DIR", "num_proc": "N", "max_tokens": "N", "val_max_tokens": "N", "progress": "auto|bar|lines|none"}
+
+
+def _whole_number(key: str, value: str) -> int:
+    """1310720000, 1_310_720_000 or 1.31072e9."""
+    try:
+        x = float(value.replace("_", ""))
+        if x.is_integer():
+            return int(x)
+    except ValueError:
+        pass
+    raise UserError(f"{key}={value} is invalid: expected a whole number (e.g. 1310720000 or 1.31072e9)")
+
+
+def cmd_pretokenize(args: list[str]) -> int:
+    opts = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if a.split("=", 1)[0] in PRETOKENIZE_KEYS and "=" in a}
+    overrides = [a for a in args if a.split("=", 1)[0] not in PRETOKENIZE_KEYS]
+    if "out" not in opts or not opts["out"]:
+        raise UserError("prepare-data pretokenize needs out=DIR, the directory to write the token shards into "
+                        f"(options: {', '.join(f'{k}={v}' for k, v in PRETOKENIZE_KEYS.items())})")
+    progress = opts.get("progress", "auto")
+    if progress not in ("auto", "bar", "lines", "none"):
+        raise UserError(f"progress={progress} is invalid: allowed: auto, bar, lines, none")
+    num = {k: _whole_number(k, opts[k]) for k in ("num_proc", "max_tokens", "val_max_tokens") if k in opts}
+    cfg, _ = load_config(overrides)
+    pretokenize(cfg.data, Options(out=Path(opts["out"]), num_proc=num.get("num_proc", 0), max_tokens=num.get("max_tokens"),
+                                  val_max_tokens=num.get("val_max_tokens"), progress=progress))
+    return 0
+
+
 def cmd_prepare_data(args: list[str]) -> int:
     what = args[0] if args else "embedded"
+    if what == "pretokenize":
+        return cmd_pretokenize(args[1:])
+    if what == "verify":
+        if len(args) != 2:
+            raise UserError(f"prepare-data verify takes one token-shard directory, got {args[1:]}")
+        verify_directory(args[1], log=lambda m: print(m, file=sys.stderr, flush=True))
+        print(f"{args[1]}: every shard checks out", file=sys.stderr)
+        return 0
     if what != "embedded":
-        raise UserError(f"unknown dataset '{what}' for prepare-data; allowed: embedded")
+        raise UserError(f"unknown dataset '{what}' for prepare-data; allowed: embedded, pretokenize, verify")
     embedded.main(args[1:])
     return 0
 
@@ -69,8 +132,11 @@ def cmd_estimate(args: list[str]) -> int:
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": cmd_train,
     "generate": cmd_generate,
+    "export": cmd_export,
+    "eval": cmd_eval,
     "prepare-data": cmd_prepare_data,
     "sweep-summary": cmd_sweep_summary,
+    "report": cmd_report,
     "bench": cmd_bench,
     "estimate": cmd_estimate,
 }

@@ -1,5 +1,12 @@
 """Documents -> token rows -> micro-batches, deterministic and exactly resumable.
 
+Documents. Either text, tokenized a block at a time as it is read (``data=c4``, ``jsonl``,
+``embedded``: :class:`TextDocuments` over a :class:`~lrpretrain.data.sources.DocumentSource`), or
+token ids memory-mapped from pre-tokenized shards (``data=shards``:
+:class:`~lrpretrain.data.shards.ShardSplit`, one token shard per source shard, documents in file
+order). Both offer the same thing, a split's shards cut into blocks of documents, and everything below
+is shared: the same documents give the same rows in the same order, and the same positions.
+
 Order. For each epoch the source's shards are permuted with a seed derived from (data.seed, epoch).
 Inside a shard, documents are read in blocks of ``data.shuffle_block`` and each block is permuted
 with a seed derived from (data.seed, epoch, shard, block). No shuffle buffer with hidden state: the
@@ -12,14 +19,15 @@ starting rank rotated from shard to shard so that no rank is always the one with
 
 Rows. ``truncate`` (the GaLore protocol): one document per row, truncated to seq_len - 1 tokens plus
 EOS and right-padded; padding is masked out of the loss. ``pack``: documents joined with EOS and cut
-into full rows.
+into full rows. Rows are built a block at a time with numpy (the shards reach memory speed).
 
 Position. ``Position(epoch, shard, block, item, token)`` names a document and how many of its tokens
 (EOS included) are already in emitted rows. Every batch carries the position right after it, so the
 trainer checkpoints the position of the last batch it consumed, and :meth:`TokenStream.load_state_dict`
-restarts the stream there: re-read that block (skipping the shard's earlier documents), permute it
-again, drop the consumed tokens. The resumed stream yields exactly the batches the uninterrupted one
-would have.
+restarts the stream there: re-read that block (text: skipping the shard's earlier documents; shards:
+O(1), by offset), permute it again, drop the consumed tokens. The resumed stream yields exactly the
+batches the uninterrupted one would have. Positions mean the same for text and for its shards: a run
+can switch between them at a resume.
 """
 
 from __future__ import annotations
@@ -28,12 +36,14 @@ import hashlib
 import queue
 import random
 import threading
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from lrpretrain.config import DataConfig
+from lrpretrain.data.shards import ShardSplit, has_split
 from lrpretrain.data.sources import DocumentSource
 from lrpretrain.data.tokenizer import TokenizerInfo
 from lrpretrain.errors import DataError
@@ -48,6 +58,11 @@ def _permutation(n: int, *seed_parts: int) -> list[int]:
     order = list(range(n))
     random.Random(_seed(*seed_parts)).shuffle(order)
     return order
+
+
+def shard_order(n_shards: int, seed: int, epoch: int) -> list[int]:
+    """The order in which the single stream (world size 1) reads a split's shards in ``epoch``."""
+    return _permutation(n_shards, seed, epoch)
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,99 @@ class Batch:
     position: Position  # stream position right after this batch
 
 
+# -- documents ----------------------------------------------------------------------------------
+class _TextBlock:
+    def __init__(self, texts: list[str], tok: TokenizerInfo):
+        self.texts, self.tok = texts, tok
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def take(self, items: Sequence[int]) -> list[np.ndarray]:
+        """Token ids of the documents ``items`` (only these are tokenized)."""
+        if not items:
+            return []
+        return [np.array(ids, dtype=np.int64) for ids in self.tok.encode([self.texts[j] for j in items])]
+
+
+class TextDocuments:
+    """A text source's documents, tokenized a block at a time as the stream reads them."""
+
+    def __init__(self, source: DocumentSource, tok: TokenizerInfo):
+        self.source, self.tok = source, tok
+        self.n_shards, self.description = source.n_shards, source.description
+
+    def blocks(self, shard: int, first_block: int, size: int) -> Iterator[_TextBlock]:
+        texts_it = self.source.iter_shard(shard, skip=first_block * size)
+        while texts := [t for _, t in zip(range(size), texts_it)]:
+            yield _TextBlock(texts, self.tok)
+            if len(texts) < size:
+                return
+
+
+Documents = TextDocuments | ShardSplit
+
+
+def open_documents(cfg: DataConfig, tok: TokenizerInfo, split: str) -> Documents:
+    """The documents of ``split`` (train | validation) of the configured data, text or token shards."""
+    if cfg.source == "shards":
+        return ShardSplit(cfg, tok, split)
+    return TextDocuments(DocumentSource(cfg, split), tok)
+
+
+def has_validation(cfg: DataConfig) -> bool:
+    """Whether the configured data has a validation split."""
+    if cfg.source == "shards":
+        return has_split(cfg, "validation")
+    return cfg.source != "jsonl" or len(cfg.val_files) > 0
+
+
+# -- rows -----------------------------------------------------------------------------------------
+def _truncate_rows(docs: list[np.ndarray], L: int, eos: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """One row per document: its first L - 1 tokens, EOS, padding. Returns (rows, non-pad lengths)."""
+    n = len(docs)
+    cut = np.fromiter((min(len(d), L - 1) for d in docs), np.int64, n)
+    rows = np.full((n, L), pad, np.int64)
+    for i, d in enumerate(docs):
+        rows[i, : cut[i]] = d[: cut[i]]
+    rows[np.arange(n), cut] = eos
+    return rows, cut + 1
+
+
+class _Packer:
+    """Documents joined with EOS and cut into full rows; the rest waits for the next documents."""
+
+    def __init__(self, L: int, eos: int):
+        self.L, self.pending, self.eos = L, np.empty(0, np.int64), np.array([eos], np.int64)
+
+    def add(self, docs: list[np.ndarray], skip: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows completed by ``docs`` (the first ``skip`` tokens of ``docs[0]`` + EOS left out: already
+        emitted), and for each row the index in ``docs`` of the document holding its last token and how
+        many tokens of that document (EOS included) are then in rows."""
+        pieces = [self.pending]
+        for d in docs:
+            pieces += (d, self.eos)
+        seg = np.fromiter((len(d) + 1 for d in docs), np.int64, len(docs))
+        if skip:
+            pieces[1], pieces[2] = docs[0][skip:], self.eos[: max(0, len(docs[0]) + 1 - skip)]
+            seg[0] -= skip
+        cat = np.concatenate(pieces, dtype=np.int64)
+        n, before = len(cat) // self.L, len(self.pending)
+        self.pending = cat[n * self.L :].copy()
+        ends = np.cumsum(seg)
+        t = np.arange(1, n + 1, dtype=np.int64) * self.L - before  # row ends, counted from docs[0]'s first new token
+        d = np.searchsorted(ends, t, side="left")
+        tok = t - (ends[d] - seg[d])
+        tok[d == 0] += skip
+        return cat[: n * self.L].reshape(n, self.L), d, tok
+
+
+def _labels(ids: torch.Tensor, lens: np.ndarray) -> torch.Tensor:
+    """``ids`` as targets, -100 on padding (past each row's length)."""
+    pad = torch.arange(ids.shape[1]) >= torch.from_numpy(lens)[:, None]
+    return ids.masked_fill(pad, -100)
+
+
 class TokenStream:
     """An endless, resumable stream of micro-batches for one rank."""
 
@@ -78,7 +186,7 @@ class TokenStream:
         self.micro_batch_size = micro_batch_size
         self.rank, self.world = rank, world_size
         self.prefetch = prefetch
-        self.source = DocumentSource(cfg, "train")
+        self.source = open_documents(cfg, tokenizer, "train")
         self.position = Position()
         self._it: Iterator[Batch] | None = None
         self._thread: _Prefetcher | None = None
@@ -86,86 +194,90 @@ class TokenStream:
     # -- order -----------------------------------------------------------------------------
     def _shards(self, epoch: int) -> tuple[list[int], bool]:
         """This rank's shard order for ``epoch`` and whether items are strided across ranks."""
-        perm = _permutation(self.source.n_shards, self.cfg.seed, epoch)
+        perm = shard_order(self.source.n_shards, self.cfg.seed, epoch)
         if self.source.n_shards % self.world == 0:
             return perm[self.rank :: self.world], False
         return perm, True
 
-    def _documents(self, start: Position) -> Iterator[tuple[Position, list[int]]]:
-        """(position, token ids) of this rank's documents from ``start`` on, tokenized a block at a time."""
+    def _documents(self, start: Position) -> Iterator[tuple[int, int, int, list[int], list[np.ndarray]]]:
+        """This rank's documents from ``start`` on, a block at a time: (epoch, shard, block, items, token
+        ids), ``items`` being the documents' indices among this rank's items of the permuted block.
+        Empty documents carry no tokens and are left out."""
         epoch, shard_i, block, item = start.epoch, start.shard, start.block, start.item
-        B = self.cfg.shuffle_block
+        B, empty_epochs = self.cfg.shuffle_block, 0
         while True:
             shards, strided = self._shards(epoch)
             whole_epoch, seen_in_epoch = (shard_i, block, item) == (0, 0, 0), False
             while shard_i < len(shards):
                 shard = shards[shard_i]
-                texts_it = self.source.iter_shard(shard, skip=block * B)
-                while True:
-                    texts = [t for _, t in zip(range(B), texts_it)]
-                    if not texts:
-                        break
-                    order = _permutation(len(texts), self.cfg.seed, epoch, shard, block)
+                for blk in self.source.blocks(shard, block, B):
+                    order = _permutation(len(blk), self.cfg.seed, epoch, shard, block)
                     if strided:  # round robin over the shard's documents, rotated per shard
                         first = (self.rank - block * B - shard_i) % self.world
                         order = order[first :: self.world]
-                    mine = order
-                    chosen = [texts[j] for j in mine[item:]]
-                    ids = self.tok.encode(chosen) if chosen else []
-                    for k, doc_ids in enumerate(ids):
-                        if doc_ids:  # empty documents carry no tokens
-                            seen_in_epoch = True
-                            yield Position(epoch, shard_i, block, item + k, 0), doc_ids
-                    if len(texts) < B:
-                        break
+                    ids = blk.take(order[item:])
+                    items = [item + k for k, d in enumerate(ids) if len(d)]
+                    if items:
+                        seen_in_epoch = True
+                        yield epoch, shard_i, block, items, [d for d in ids if len(d)]
                     block, item = block + 1, 0
                 shard_i, block, item = shard_i + 1, 0, 0
-            if whole_epoch and not seen_in_epoch:
-                raise DataError(f"no documents with text for rank {self.rank} of {self.world} in "
-                                f"{self.source.description}")
+            if whole_epoch:
+                empty_epochs = 0 if seen_in_epoch else empty_epochs + 1
+                # shards holding part of a source (max_tokens) may leave a rank nothing in an epoch
+                if empty_epochs and (not getattr(self.source, "partial", False) or empty_epochs >= 100):
+                    raise DataError(f"no documents with text for rank {self.rank} of {self.world} in "
+                                    f"{self.source.description}")
             epoch, shard_i, block, item = epoch + 1, 0, 0, 0
 
     # -- rows -------------------------------------------------------------------------------
-    def _rows(self, start: Position) -> Iterator[tuple[list[int], Position]]:
-        L, eos = self.cfg.seq_len, self.tok.eos_id
-        first = replace(start, token=0)  # the document the stream restarts in
-        if self.cfg.mode == "truncate":
-            for pos, ids in self._documents(start):
-                if pos == first and start.token > 0:
-                    continue  # this document's row was already emitted
-                yield ids[: L - 1] + [eos], Position(pos.epoch, pos.shard, pos.block, pos.item, 1)
-            return
-        pending: list[int] = []
-        for pos, ids in self._documents(start):
-            toks = ids + [eos]
-            base = start.token if pos == first else 0
-            toks = toks[base:]
-            pending.extend(toks)
-            while len(pending) >= L:
-                row, pending = pending[:L], pending[L:]
-                # pending is shorter than a row before each document, so what is left is this document's
-                yield row, Position(pos.epoch, pos.shard, pos.block, pos.item, base + len(toks) - len(pending))
+    def _rows(self, start: Position) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Rows a block at a time: (rows (n, L) int64, non-pad lengths (n,), position after each row (n, 5))."""
+        L, eos, pad = self.cfg.seq_len, self.tok.eos_id, self.tok.pad_id
+        resume_in = (start.epoch, start.shard, start.block, start.item) if start.token > 0 else None
+        packer = _Packer(L, eos) if self.cfg.mode == "pack" else None
+        for epoch, shard_i, block, items, docs in self._documents(start):
+            skip = 0
+            if resume_in is not None:  # the document the stream restarts in: its first `token` tokens are out
+                skip = start.token if (epoch, shard_i, block, items[0]) == resume_in else 0
+                resume_in = None
+            if packer is None:
+                if skip:  # truncate: that document's row was already emitted
+                    items, docs = items[1:], docs[1:]
+                if not docs:
+                    continue
+                rows, lens = _truncate_rows(docs, L, eos, pad)
+                item_of_row, token_of_row = np.asarray(items), 1
+            else:
+                rows, d, token_of_row = packer.add(docs, skip)
+                if not len(rows):
+                    continue
+                lens, item_of_row = np.full(len(rows), L, np.int64), np.asarray(items)[d]
+            pos = np.empty((len(rows), 5), np.int64)
+            pos[:, :3] = (epoch, shard_i, block)
+            pos[:, 3], pos[:, 4] = item_of_row, token_of_row
+            yield rows, lens, pos
 
     def _batches(self, start: Position) -> Iterator[Batch]:
-        rows: list[list[int]] = []
-        for row, pos in self._rows(start):
-            rows.append(row)
-            if len(rows) == self.micro_batch_size:
-                yield self._collate(rows, pos)
-                rows = []
+        mb = self.micro_batch_size
+        rows = lens = pos = None
+        for r, n, p in self._rows(start):
+            if rows is not None and len(rows):
+                r, n, p = np.concatenate([rows, r]), np.concatenate([lens, n]), np.concatenate([pos, p])
+            i = 0
+            while len(r) - i >= mb:
+                yield self._collate(r[i : i + mb], n[i : i + mb], p[i + mb - 1])
+                i += mb
+            rows, lens, pos = r[i:], n[i:], p[i:]
 
-    def _collate(self, rows: list[list[int]], pos: Position) -> Batch:
-        L, pad = self.cfg.seq_len, self.tok.pad_id
-        ids = torch.full((len(rows), L), pad, dtype=torch.long)
-        labels = torch.full((len(rows), L), -100, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            labels[i, : len(r)] = ids[i, : len(r)]
-        tokens = sum(len(r) for r in rows)
-        if int(ids.max()) >= self.vocab_limit:
-            raise DataError(f"token id {int(ids.max())} from tokenizer {self.tok.name} is outside "
+    def _collate(self, rows: np.ndarray, lens: np.ndarray, pos: np.ndarray) -> Batch:
+        top = int(rows.max())
+        if top >= self.vocab_limit:
+            raise DataError(f"token id {top} from tokenizer {self.tok.name} is outside "
                             f"model.vocab_size={self.vocab_limit}")
-        return Batch(ids, labels, tokens, pos)
+        ids = torch.from_numpy(np.ascontiguousarray(rows))
+        labels = ids.clone() if self.cfg.mode == "pack" else _labels(ids, lens)
+        return Batch(ids, labels, int(lens.sum()), Position(*pos.tolist()))
 
     # -- iteration and state -----------------------------------------------------------------
     def __iter__(self) -> TokenStream:
@@ -250,42 +362,38 @@ class ValidationSet:
 
     def __init__(self, cfg: DataConfig, tokenizer: TokenizerInfo, rank: int = 0, world_size: int = 1):
         self.cfg = cfg
-        source = DocumentSource(cfg, "validation")
+        source = open_documents(cfg, tokenizer, "validation")
         L, eos, pad = cfg.seq_len, tokenizer.eos_id, tokenizer.pad_id
-        rows: list[list[int]] = []
+        packer = _Packer(L, eos)
+        chunks: list[tuple[np.ndarray, np.ndarray]] = []
         tokens = 0
-        pending: list[int] = []
 
-        def documents() -> Iterator[list[int]]:
+        def documents() -> Iterator[list[np.ndarray]]:
             for shard in range(source.n_shards):
-                texts_it = source.iter_shard(shard)
-                while texts := [t for _, t in zip(range(256), texts_it)]:
-                    yield from (ids for ids in tokenizer.encode(texts) if ids)
+                for blk in source.blocks(shard, 0, 256):
+                    yield [ids for ids in blk.take(range(len(blk))) if len(ids)]
 
-        for ids in documents():
+        for docs in documents():
             if tokens >= cfg.val_tokens:
                 break
+            if not docs:
+                continue
             if cfg.mode == "truncate":
-                row = ids[: L - 1] + [eos]
-                rows.append(row)
-                tokens += len(row)
+                rows, lens = _truncate_rows(docs, L, eos, pad)
             else:
-                pending.extend(ids + [eos])
-                while len(pending) >= L and tokens < cfg.val_tokens:
-                    rows.append(pending[:L])
-                    pending = pending[L:]
-                    tokens += L
-        if not rows:
+                rows = packer.add(docs)[0]
+                lens = np.full(len(rows), L, np.int64)
+            keep = int((tokens + np.cumsum(lens) - lens < cfg.val_tokens).sum())  # rows that start under budget
+            chunks.append((rows[:keep], lens[:keep]))
+            tokens += int(lens[:keep].sum())
+        if not tokens:
             raise DataError(f"no validation documents in {source.description}")
         self.available_tokens = tokens
         self.short = tokens < cfg.val_tokens  # the split holds fewer tokens than the budget
-        ids = torch.full((len(rows), L), pad, dtype=torch.long)
-        labels = torch.full((len(rows), L), -100, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            labels[i, : len(r)] = ids[i, : len(r)]
+        ids = torch.from_numpy(np.concatenate([r for r, _ in chunks]))
+        labels = _labels(ids, np.concatenate([n for _, n in chunks]))
         self.input_ids, self.labels = ids[rank::world_size], labels[rank::world_size]
-        self.total_rows = len(rows)
+        self.total_rows = ids.shape[0]
         self.description = source.description
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -18,6 +20,19 @@ class TokenizerInfo:
     eos_id: int
     pad_id: int
     vocab_needed: int  # 1 + the largest id that text can produce (model.vocab_size must cover it)
+
+    @cached_property
+    def sha256(self) -> str:
+        """Identity of the tokenizer: the SHA-256 of its canonical JSON (``Tokenizer.to_str()``: model,
+        vocabulary, merges, normalizer, pre-tokenizer, added tokens). The same tokenizer loaded from
+        a file, the hub or a copy hashes the same; any change to how text is encoded changes it."""
+        return hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()
+
+    @property
+    def id_limit(self) -> int:
+        """1 + the largest id encoding can produce (added tokens included)."""
+        return 1 + max(max(self.tokenizer.get_vocab(with_added_tokens=True).values(), default=0),
+                       self.eos_id, self.pad_id)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, without special tokens (EOS is added by the row builder)."""

@@ -19,6 +19,7 @@ identical RNGs, so the replicas stay equal.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -29,18 +30,21 @@ from lrpretrain.distributed.strategy import Strategy, register_strategy
 from lrpretrain.errors import ConfigError
 from lrpretrain.methods import get_method
 
+if TYPE_CHECKING:
+    from lrpretrain.config import Config
+
 
 @register_strategy("ddp")
 class DDP(Strategy):
     multi_process = True
 
     @classmethod
-    def validate(cls, cfg, world_size: int) -> None:
+    def validate(cls, cfg: Config, world_size: int) -> None:
         super().validate(cfg, world_size)
         why = get_method(cfg.method.name).strategy_refusal("ddp", cfg)
         if why:
             raise ConfigError(f"method={cfg.method.name} is not supported with distributed.strategy=ddp: {why}; "
-                              "use distributed=single")
+                              "use distributed.strategy=single")
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -57,7 +57,7 @@ from torch import nn
 
 from lrpretrain import comm
 from lrpretrain.checkpoint import unshared
-from lrpretrain.distributed.strategy import Resumed, StepOutcome, Strategy, register_strategy
+from lrpretrain.distributed.strategy import Resumed, StepOutcome, Strategy, method_fallback, register_strategy
 from lrpretrain.errors import CheckpointError, ConfigError
 from lrpretrain.methods import Method, get_method
 
@@ -74,7 +74,7 @@ ENGINE_TAG = "engine"  # DeepSpeed's checkpoint "tag": the subdirectory of step_
 def bf16(cfg: Config) -> bool:
     """The trainer's precision rule: bf16 when asked, or ``auto`` on CUDA."""
     t = cfg.trainer
-    return t.precision == "bf16" or (t.precision == "auto" and t.device != "cpu" and torch.cuda.is_available())
+    return t.resolved_precision(t.device != "cpu" and torch.cuda.is_available()) == "bf16"
 
 
 def refusal(cfg: Config) -> str | None:
@@ -85,11 +85,15 @@ def refusal(cfg: Config) -> str | None:
                 "method); allowed with distributed=deepspeed: 1, 2, 3")
     if cfg.trainer.compile:
         return "trainer.compile=true is not supported with distributed=deepspeed (the engine wraps the module); use trainer.compile=false"
+    if cfg.trainer.precision == "pure_bf16":
+        return ("trainer.precision=pure_bf16 is not supported with distributed=deepspeed: DeepSpeed's bf16 mode keeps "
+                "fp32 master weights in its ZeRO partitions (the copy pure_bf16 leaves out) and steps them with its own "
+                "loop, not our bf16 rounding; use distributed=fsdp2 or ddp, or trainer.precision=bf16")
     zero = f"ZeRO-{stage} hands the optimizer flat 1-D fp32 partitions of all parameters, not the module's parameters"
     plugin = type(get_method(name)(cfg.method, cfg.model))
     why = plugin.strategy_refusal("deepspeed", cfg)
     if why:
-        return f"method '{name}' cannot run under distributed=deepspeed: {why}; use distributed=ddp"
+        return f"method '{name}' cannot run under distributed=deepspeed: {why}; use {method_fallback(cfg)}"
     if plugin.build_optimizer is not Method.build_optimizer:
         return (f"method '{name}' cannot run under distributed=deepspeed: its optimizer needs each parameter whole "
                 f"(2-D gradients to project, per-row or per-column state), but {zero}; use distributed=ddp or fsdp2")

@@ -8,7 +8,9 @@ weight, is built in full on every rank instead, as a single process does, then s
 rank 0, which builds the same model once more on the CPU exactly as a single process does (same
 seed, same surgery) and broadcasts it shard by shard (``set_model_state_dict(...,
 broadcast_from_rank0=True)``): the initial weights equal the single-process run's, for every method.
-Cost: rank 0 holds one full fp32 copy of the model in CPU memory while it starts.
+Cost: rank 0 holds one full copy of the model in CPU memory while it starts. Under
+``trainer.precision=pure_bf16`` the parameters are bf16 (built in fp32, then cast, as a single process
+does): no mixed-precision policy casts them, and the optimizer rounds each shard's update into bf16.
 
 **Gradients.** FSDP2 reduce-scatters each block's gradients in the backward (averaging; the loss is
 multiplied by the world size so that the ranks' gradients sum, as the loss normalisation requires).
@@ -55,7 +57,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from lrpretrain import comm
 from lrpretrain.checkpoint import SHARDED, Checkpointer
 from lrpretrain.comm import local
-from lrpretrain.distributed.strategy import Resumed, Strategy, register_strategy
+from lrpretrain.distributed.strategy import Resumed, Strategy, method_fallback, register_strategy
 from lrpretrain.errors import CheckpointError, ConfigError
 from lrpretrain.methods import get_method
 from lrpretrain.optim.clip import clip_coefficient, total_norm
@@ -85,7 +87,7 @@ class FSDP2(Strategy):
         why = get_method(cfg.method.name).strategy_refusal("fsdp2", cfg)
         if why:
             raise ConfigError(f"method={cfg.method.name} is not supported with distributed.strategy=fsdp2: {why}; "
-                              "use distributed=ddp")
+                              f"use {method_fallback(cfg)}")
         if cfg.optim.state_bits == 8 or getattr(cfg.method, "state_bits", 32) == 8:
             key = "optim.state_bits" if cfg.optim.state_bits == 8 else "method.state_bits"
             raise ConfigError(f"{key}=8 is not supported with distributed.strategy=fsdp2: blockwise 8-bit "
@@ -94,6 +96,13 @@ class FSDP2(Strategy):
         if cfg.trainer.compile:
             raise ConfigError("trainer.compile=true is not supported with distributed.strategy=fsdp2 here "
                               "(untested); use trainer.compile=false")
+        if cfg.model.tie_embeddings:
+            raise ConfigError("model.tie_embeddings=true is not supported with distributed.strategy=fsdp2 here: "
+                              "materialising the sharded model gives the LM head a parameter of its own (the tie "
+                              "would silently break); use distributed=ddp or model.tie_embeddings=false")
+        if cfg.trainer.precision == "pure_bf16" and cfg.distributed.param_dtype == "fp16":
+            raise ConfigError("distributed.param_dtype=fp16 contradicts trainer.precision=pure_bf16 (the parameters are "
+                              "bf16 and are gathered as they are); use distributed.param_dtype=bf16 or leave it at fp32")
 
     def setup(self, device: torch.device) -> torch.device:
         device = super().setup(device)
@@ -102,7 +111,10 @@ class FSDP2(Strategy):
 
     # -- model -----------------------------------------------------------------------------------
     def build_model(self, build: Callable[..., nn.Module]) -> nn.Module:
-        mp = MixedPrecisionPolicy(param_dtype=DTYPES[self.dcfg.param_dtype], reduce_dtype=DTYPES[self.dcfg.reduce_dtype])
+        # pure_bf16: the parameters are bf16 already and are gathered as they are (no cast, no fp32 copy);
+        # reduce_dtype still applies (fp32 by default: the gradient is reduce-scattered in fp32, stored in bf16)
+        param_dtype = None if self.cfg.trainer.precision == "pure_bf16" else DTYPES[self.dcfg.param_dtype]
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=DTYPES[self.dcfg.reduce_dtype])
         kw = {"mesh": self.mesh, "mp_policy": mp, "reshard_after_forward": self.dcfg.reshard_after_forward}
         if not _surgery_runs_on_meta(build):
             # The method's surgery needs real weights (SST's SVD of the initial weight): every rank builds

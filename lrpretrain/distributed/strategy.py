@@ -68,6 +68,7 @@ from lrpretrain import comm
 from lrpretrain.checkpoint import Checkpointer
 from lrpretrain.distributed.data import stream_for
 from lrpretrain.errors import CheckpointError, ConfigError
+from lrpretrain.methods import get_method
 from lrpretrain.optim.clip import total_norm
 
 if TYPE_CHECKING:
@@ -320,6 +321,13 @@ def _latest_verified(ckpt: Checkpointer, warn: Callable[[str], None]) -> str | N
 def _verified(path: str) -> str:
     Checkpointer.verify(Path(path))
     return path
+
+
+def method_fallback(cfg: Config) -> str:
+    """What to use instead when ``cfg.method`` refuses a multi-process strategy: DDP unless the method
+    refuses it too (LoQT, Q-GaLore), then a single process."""
+    return "distributed=ddp" if not get_method(cfg.method.name).strategy_refusal("ddp", cfg) \
+        else "distributed.strategy=single"
 
 
 def check_single(name: str, world_size: int) -> None:

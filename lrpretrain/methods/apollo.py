@@ -64,6 +64,9 @@ class Apollo(SubspaceMethod):
     def make_optimizer(self, groups, **kw) -> ApolloOptimizer:
         return ApolloOptimizer(groups, seed=self.cfg.seed, **kw)
 
+    def refresh_temp_bytes(self, shape: tuple[int, int]) -> float:
+        return 0.0  # a new seed; the Gaussian itself is generated at the step (r x the projected side)
+
     def basis_bytes(self, shape: tuple[int, int]) -> int:
         return 0  # a seed (an integer): the projection is regenerated from it
 

@@ -21,9 +21,9 @@ from torch import nn
 
 from lrpretrain.errors import UserError
 from lrpretrain.model.llama import flops_per_token, param_count
-from lrpretrain.model.memory import llama_layer_bytes
+from lrpretrain.model.memory import activation_itemsize, largest_trainable, llama_layer_bytes
 from lrpretrain.optim import AdamW, ParamwiseOptimizer
-from lrpretrain.optim.memory import adamw_state_bytes
+from lrpretrain.optim.memory import adamw_state_bytes, elementwise_temp_bytes
 
 if TYPE_CHECKING:
     from lrpretrain.config import ModelConfig, OptimConfig
@@ -41,10 +41,16 @@ class MethodConfig:
     def validate_for_model(self, model_cfg: ModelConfig) -> None:
         """Checks that need the model's shapes (a rank against min(m, n)); run before any heavy work."""
 
+    def resolve_for_precision(self, precision: str) -> None:
+        """Resolve keys whose default follows ``trainer.precision`` (``auto`` values), once, when the
+        run's config is loaded, so the run's config.yaml holds the value used."""
+
 
 @dataclass
 class StepContext:
-    """What ``after_step`` sees after optimizer update number ``step`` (1-based) is applied."""
+    """What ``after_step`` sees after optimizer update number ``step`` (1-based) is applied; what
+    ``before_step`` sees before the update whose 0-based index is ``step`` (the updates done so far)
+    runs its first forward (``loss`` is then nan)."""
 
     step: int
     model: nn.Module
@@ -52,6 +58,7 @@ class StepContext:
     lr: float
     loss: float
     log: Callable[[dict[str, Any]], None] = field(default=lambda _m: None)  # add metrics for this step
+    micro_batches: int = 1  # forward + backward passes of this update (gradient accumulation) on this rank
 
 
 # -- modules that replace a target Linear (what export and merging rely on) ----------------------------
@@ -155,6 +162,13 @@ class Method:
         """Multiplies the base schedule at update ``step`` (0-based), e.g. ReLoRA's jagged restarts."""
         return 1.0
 
+    def before_step(self, ctx: StepContext) -> None:
+        """Before the first forward of an update (``ctx.step``: its 0-based index; ``ctx.micro_batches``:
+        the forward/backward passes it will run). A method that needs something from this update's
+        backward beyond the parameters' gradients arms its modules here: LoQT takes the full gradient
+        of its quantized weights (which are not parameters) at its update steps, in its modules'
+        backward, once the last micro-batch's gradient is complete. The trainer knows nothing of it."""
+
     def after_step(self, ctx: StepContext) -> None:
         """Periodic work after an update: merges, switches, resampling, optimizer resets."""
 
@@ -190,7 +204,9 @@ class Method:
         ``lrpretrain estimate``: ``buffer_bytes`` (every non-parameter tensor of the model; default:
         the RoPE tables), ``method_state_bytes`` (tensors the plugin holds outside the model and the
         optimizer), ``largest_trainable`` (entries of the largest trainable tensor; default: the
-        embedding's).
+        embedding's), ``quantized_params`` (weights stored quantized in buffers, not as parameters:
+        shown beside ``params``), ``kahan_params`` (trained entries that get a bf16 compensation buffer
+        under ``trainer.bf16_update=kahan``; default: ``trainable_params``).
         """
         n = param_count(model_cfg)
         return {"params": float(n), "trainable_params": float(n), "flops_per_token": flops_per_token(model_cfg, seq_len)}
@@ -204,31 +220,51 @@ class Method:
         trainable = self.cost(model_cfg, 1)["trainable_params"]
         return adamw_state_bytes(model_cfg, trainable, optim_cfg.state_bits)
 
-    def activation_bytes(self, model_cfg: ModelConfig, recompute: str, recompute_every: int, bf16: bool) -> float:
+    def step_temp_bytes(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, precision: str) -> float:
+        """Analytic bytes of the temporaries of the costliest single-parameter optimizer step (for
+        ``lrpretrain estimate``): by default AdamW's element-wise step of the largest trainable tensor,
+        in pieces (:func:`lrpretrain.optim.memory.elementwise_temp_bytes`)."""
+        largest = self.cost(model_cfg, 1).get("largest_trainable", largest_trainable(model_cfg))
+        bits = min(optim_cfg.state_bits, getattr(self.cfg, "state_bits", 32))
+        return elementwise_temp_bytes(float(largest), bits, precision)
+
+    def backward_temp_bytes(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, precision: str, tokens: int,
+                            accumulation: int, recompute: str = "none", recompute_every: int = 1) -> float:
+        """Analytic bytes that the method's own work adds beside the activations at the start of the
+        backward of its costliest update (for ``lrpretrain estimate``): what its modules compute or save
+        beyond plain autograd (LoQT: the full gradient of a quantized weight with its SVD at an update
+        step; a dequantized weight for the input gradient). ``tokens``: one micro-batch's;
+        ``accumulation``: micro-batches per update; ``recompute``: ``trainer.recompute``, blocks 0, k,
+        2k, ... checkpointed (k = ``recompute_every``). Default: nothing."""
+        return 0.0
+
+    def activation_bytes(self, model_cfg: ModelConfig, recompute: str, recompute_every: int, precision: str) -> float:
         """Bytes per token that the decoder layers keep for the backward after a forward (all layers;
         the embedding, final norm, LM head and loss are counted by the estimator).
 
-        Default: the plain LLaMA block's (:func:`lrpretrain.model.memory.llama_layer_bytes`), blocks 0, k,
-        2k, ... checkpointed under ``full|selective``. A method that changes what a block saves
-        overrides it; ``recompute="method"`` is its own policy's figure.
+        ``precision``: ``fp32``, ``bf16`` (autocast) or ``pure_bf16``. Default: the plain LLaMA block's
+        (:func:`lrpretrain.model.memory.llama_layer_bytes`), blocks 0, k, 2k, ... checkpointed under
+        ``full|selective``. A method that changes what a block saves overrides it;
+        ``recompute="method"`` is its own policy's figure.
         """
         if recompute == "method":
             raise NotImplementedError(f"method '{self.name}' has no activation model for its recompute policy")
-        extra = (2.0 if bf16 else 4.0) * self.layer_extra_values(model_cfg)  # bf16: an approximation
+        extra = activation_itemsize(precision) * self.layer_extra_values(model_cfg)  # bf16: an approximation
         total = 0.0
         for i in range(model_cfg.n_layers):
             checkpointed = recompute != "none" and i % recompute_every == 0
-            total += llama_layer_bytes(model_cfg, recompute if checkpointed else "none", bf16)
+            total += llama_layer_bytes(model_cfg, recompute if checkpointed else "none", precision)
             total += 0.0 if checkpointed else extra
         return total
 
     def second_pass_bytes(self, model_cfg: ModelConfig, seq_len: int, recompute: str, recompute_every: int,
-                          bf16: bool, grad_bytes: float) -> tuple[float, float] | None:
+                          precision: str, grad_bytes: float) -> tuple[float, float] | None:
         """For a method whose optimizer runs a second forward and backward inside its step (one that
         ``reevaluates``, DLRT's S-step), for ``lrpretrain estimate``: (bytes per token that this forward
         saves for its backward, the embedding, head and loss included; bytes held through it beside the
         weights and the optimizer states: gradients of the first pass kept for later, the step's own
-        tensors). ``grad_bytes``: bytes per gradient entry. None (the default): no second pass."""
+        tensors). ``precision``: ``fp32``, ``bf16`` or ``pure_bf16``; ``grad_bytes``: bytes per gradient
+        entry. None (the default): no second pass."""
         return None
 
     def layer_extra_values(self, model_cfg: ModelConfig) -> float:

@@ -41,6 +41,7 @@ from lrpretrain.methods.subspace import target_shapes
 from lrpretrain.methods.targets import TargetsConfig, expand_targets
 from lrpretrain.methods.toolkit import check_rank, decoder_cost, reparameterize
 from lrpretrain.model.llama import Block
+from lrpretrain.model.memory import activation_itemsize, residual_itemsize
 
 
 @dataclass
@@ -185,7 +186,8 @@ def cola_m_saved_bytes(model_cfg: ModelConfig, rank: int, targets: list[str], ac
                        residual_bytes: int = 4) -> int:
     """Bytes per token that autograd keeps for one CoLA-M block (:class:`CoLABlock`).
 
-    The residual stream x (``residual_bytes`` per value: fp32, also under bf16 autocast) and each
+    The residual stream x (``residual_bytes`` per value: fp32, also under bf16 autocast; bf16 under
+    pure bf16) and each
     segment boundary: r values (``act_bytes``) per CoLA projection; for a dense projection its input,
     which q, k, v (and gate, up) share: the normed residual (``residual_bytes``), the attention
     output (d) or the SwiGLU product (ffn_dim) (``act_bytes``).
@@ -227,12 +229,13 @@ class CoLA(Method):
         """A·x and σ(A·x): 2r values per CoLA projection."""
         return 2.0 * self.cfg.rank * len(expand_targets(list(self.cfg.targets)))
 
-    def activation_bytes(self, model_cfg: ModelConfig, recompute: str, recompute_every: int, bf16: bool) -> float:
+    def activation_bytes(self, model_cfg: ModelConfig, recompute: str, recompute_every: int, precision: str) -> float:
         """CoLA-M's segments keep (d + 7r) values per token and block (:func:`cola_m_saved_bytes`)."""
         if recompute == "method" or (self.recompute_always and recompute == "none"):
-            per_block = cola_m_saved_bytes(model_cfg, self.cfg.rank, list(self.cfg.targets), 2 if bf16 else 4, 4)
+            per_block = cola_m_saved_bytes(model_cfg, self.cfg.rank, list(self.cfg.targets),
+                                           activation_itemsize(precision), residual_itemsize(precision))
             return float(model_cfg.n_layers * per_block)
-        return super().activation_bytes(model_cfg, recompute, recompute_every, bf16)
+        return super().activation_bytes(model_cfg, recompute, recompute_every, precision)
 
     def cost(self, model_cfg: ModelConfig, seq_len: int) -> dict[str, float]:
         """Exact parameters; FLOPs of every matmul, the bottlenecks' r·(n + m) instead of m·n."""

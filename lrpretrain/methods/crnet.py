@@ -66,7 +66,7 @@ from lrpretrain.methods.subspace import target_shapes
 from lrpretrain.methods.targets import ATTN, TargetsConfig, expand_targets, select_targets, set_module
 from lrpretrain.methods.toolkit import check_rank, decoder_cost
 from lrpretrain.model.llama import LLaMA
-from lrpretrain.model.memory import llama_layer_bytes
+from lrpretrain.model.memory import activation_itemsize, llama_layer_bytes, residual_itemsize
 
 
 @dataclass
@@ -114,7 +114,7 @@ class CrossLayerLinear(Reparameterized):
 
     def scale(self) -> torch.Tensor:
         """s(β) = sign(β)·(|β| + ε), with sign(0) = +1."""
-        return self.beta + torch.where(self.beta >= 0, self.eps, -self.eps)
+        return self.beta + torch.where(self.beta >= 0, self.eps, -self.eps).to(self.beta.dtype)  # a bf16 β stays bf16
 
     def lowrank(self, x: torch.Tensor) -> torch.Tensor:
         """Z = X Aᵀ: the r-dimensional activation (all the recomputation keeps of this projection)."""
@@ -187,10 +187,10 @@ class CRNetLLaMA(LLaMA):
 
     recompute_group = 0  # layers per carry anchor in CR-Net's recomputation; 0: off
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        T = input_ids.shape[1]
-        return self.lm_head(self.norm(self.forward_layers(self.embed_tokens(input_ids), self.rope_cos[:T],
-                                                          self.rope_sin[:T])))
+    def forward(self, input_ids: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        end = start_pos + input_ids.shape[1]
+        return self.lm_head(self.norm(self.forward_layers(self.embed_tokens(input_ids), self.rope_cos[start_pos:end],
+                                                          self.rope_sin[start_pos:end])))
 
     def forward_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.recompute_group and torch.is_grad_enabled():
@@ -342,7 +342,7 @@ class CRNet(Method):
 
         return install
 
-    def activation_bytes(self, model_cfg: ModelConfig, recompute: str, recompute_every: int, bf16: bool) -> float:
+    def activation_bytes(self, model_cfg: ModelConfig, recompute: str, recompute_every: int, precision: str) -> float:
         """Layer 1 is a plain block; each later block saves, beyond a plain one, 7r values of X·A and
         4d of the carried outputs that s(β)·Y_{l-1} keeps (every target; pro rata for fewer). With
         its recomputation: :func:`crnet_saved_bytes`."""
@@ -352,10 +352,11 @@ class CRNet(Method):
         targets = list(self.cfg.targets)
         if recompute == "method":
             k = self.group_size(model_cfg.n_layers)
-            return float(crnet_saved_bytes(model_cfg, self.cfg.rank, targets, k, 2 if bf16 else 4, 4))
+            return float(crnet_saved_bytes(model_cfg, self.cfg.rank, targets, k, activation_itemsize(precision),
+                                           residual_itemsize(precision)))
         n = len(expand_targets(targets))
-        extra = (2.0 if bf16 else 4.0) * (n * self.cfg.rank + 4 * model_cfg.dim * n / 7)
-        return model_cfg.n_layers * llama_layer_bytes(model_cfg, "none", bf16) + (model_cfg.n_layers - 1) * extra
+        extra = activation_itemsize(precision) * (n * self.cfg.rank + 4 * model_cfg.dim * n / 7)
+        return model_cfg.n_layers * llama_layer_bytes(model_cfg, "none", precision) + (model_cfg.n_layers - 1) * extra
 
     def cost(self, model_cfg: ModelConfig, seq_len: int) -> dict[str, float]:
         """Exact parameters; FLOPs of every matmul: layer 1 dense, r·(n + m) per target after it."""

@@ -35,6 +35,7 @@ class FiraConfig(SubspaceConfig):
 @register_method("fira")
 class Fira(SubspaceMethod):
     Config = FiraConfig
+    full_size_temps = 2  # α·P·N and the scaled residual
 
     def group_options(self):
         return {**super().group_options(), "residual": self.cfg.residual, "limiter_gamma": self.cfg.limiter_gamma}

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from lrpretrain.config import ModelConfig
 from lrpretrain.errors import allowed, check
 from lrpretrain.methods import register_method
-from lrpretrain.methods.subspace import SubspaceMethod, check_state_bits, moment_bytes
-from lrpretrain.methods.targets import TargetsConfig
+from lrpretrain.methods.subspace import BasisConfig, SubspaceMethod, check_state_bits, moment_bytes
 from lrpretrain.optim import FrugalAdamW
 from lrpretrain.optim.frugal import BLOCK_ORDERS, INACTIVE_RULES, SUBSPACES
 from lrpretrain.optim.projector import PROJ_TYPES, projected_shape, projection_side
@@ -26,7 +25,7 @@ from lrpretrain.optim.subspace import MOMENTS_ON_REFRESH
 
 
 @dataclass
-class FrugalConfig(TargetsConfig):
+class FrugalConfig(BasisConfig):
     density: float = 0.25  # ρ: fraction of each matrix (svd/random) or of the matrices (block) that is state-full
     scale: float = 1.0  # LR multiplier of the target weights (proj_params_lr_scale)
     update_proj_gap: int = 200  # T
@@ -63,12 +62,16 @@ class FrugalConfig(TargetsConfig):
 @register_method("frugal")
 class Frugal(SubspaceMethod):
     Config = FrugalConfig
+    full_size_temps = 2  # the state-full part's update and the state-free residual
+
+    def refresh_temp_bytes(self, shape: tuple[int, int]) -> float:
+        return super().refresh_temp_bytes(shape) if self.cfg.subspace == "svd" else 0.0
 
     def group_options(self):
         c = self.cfg
         return {"density": c.density, "scale": c.scale, "update_proj_gap": c.update_proj_gap, "proj_type": c.proj_type,
                 "moments_on_refresh": c.moments_on_refresh, "inactive_update_rule": c.inactive_update_rule,
-                "inactive_lr_scale": c.inactive_lr_scale, "block_order": c.block_order}
+                "inactive_lr_scale": c.inactive_lr_scale, "block_order": c.block_order, "basis_dtype": self.basis_dtype()}
 
     def make_optimizer(self, groups, **kw) -> FrugalAdamW:
         return FrugalAdamW(groups, subspace=self.cfg.subspace, seed=self.cfg.seed, **kw)
@@ -87,7 +90,7 @@ class Frugal(SubspaceMethod):
         if self.cfg.subspace != "svd":
             return 0  # block: none; random: regenerated from a seed
         side = projection_side(self.cfg.proj_type, shape)
-        return 4 * self._rank(shape) * {"left": shape[0], "right": shape[1], "full": sum(shape)}[side]
+        return self.basis_itemsize() * self._rank(shape) * {"left": shape[0], "right": shape[1], "full": sum(shape)}[side]
 
     def extra_bytes(self, shape):
         if self.cfg.subspace != "block":

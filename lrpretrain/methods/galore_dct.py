@@ -29,6 +29,9 @@ class GaLoreDCT(SubspaceMethod):
     def make_optimizer(self, groups, **kw) -> GaLoreAdamW:
         return GaLoreAdamW(groups, basis=DCTBasis(), **kw)
 
+    def refresh_temp_bytes(self, shape: tuple[int, int]) -> float:
+        return 4.0 * shape[0] * shape[1]  # the scores' product Dᵀ·G (or G·D)
+
     def basis_bytes(self, shape: tuple[int, int]) -> int:
         rank = min(self.cfg.rank, min(shape))
         return 8 * rank * (2 if self.cfg.proj_type == "full" else 1)  # int64 indices only

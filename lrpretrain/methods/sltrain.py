@@ -77,8 +77,13 @@ class SLTrainConfig(TargetsConfig):
 
 def dense_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, values: torch.Tensor, index: torch.Tensor,
                  scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """s·B·A + S as one dense (m, n) matrix in ``dtype``."""
-    w = (lora_B.to(dtype) @ lora_A.to(dtype)).mul_(scale)
+    """s·B·A + S as one dense (m, n) matrix in ``dtype``.
+
+    The product is written with ``out=`` and then scaled and added to in place: ``trainer.recompute=
+    selective`` keeps the outputs of plain matmuls (``aten.mm.default``) for the backward, and would
+    both keep this weight-sized temporary and refuse the in-place edits of a kept tensor."""
+    w = torch.empty(lora_B.shape[0], lora_A.shape[1], dtype=dtype, device=lora_B.device)
+    torch.mm(lora_B.to(dtype), lora_A.to(dtype), out=w).mul_(scale)
     return w.view(-1).index_add_(0, index, values.to(dtype)).view(lora_B.shape[0], lora_A.shape[1])
 
 

@@ -23,8 +23,11 @@ from lrpretrain.methods.base import Method, StepContext
 from lrpretrain.methods.targets import TargetsConfig, expand_targets, select_targets
 from lrpretrain.methods.toolkit import check_rank
 from lrpretrain.optim import quant8
+from lrpretrain.optim.memory import projected_step_temp_bytes, svd_temp_bytes
 from lrpretrain.optim.projector import PROJ_TYPES, projected_shape, projection_side
 from lrpretrain.optim.subspace import MOMENTS_ON_REFRESH, SubspaceAdam
+
+BASIS_DTYPES = ("auto", "fp32", "bf16")
 
 
 def target_shapes(model_cfg: ModelConfig, targets: list[str]) -> dict[str, tuple[int, int]]:
@@ -41,7 +44,26 @@ def check_state_bits(key: str, bits: int) -> None:
 
 
 @dataclass
-class SubspaceConfig(TargetsConfig):
+class BasisConfig(TargetsConfig):
+    """Where a method stores projection bases (SVD factors): ``basis_dtype``."""
+
+    # dtype in which stored projection bases (SVD factors) are kept; the SVD itself and the projection
+    # arithmetic run in fp32 either way. auto: the weights' dtype, as GaLore's reference casts its
+    # projector to the model's dtype: bf16 under trainer.precision=pure_bf16 (half the bytes; its
+    # 7B memory figure), fp32 otherwise. Resolved when the run's config is loaded.
+    basis_dtype: str = "auto"  # auto | fp32 | bf16
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.basis_dtype in BASIS_DTYPES, "method.basis_dtype", self.basis_dtype, f"allowed: {allowed(BASIS_DTYPES)}")
+
+    def resolve_for_precision(self, precision: str) -> None:
+        if self.basis_dtype == "auto":
+            self.basis_dtype = "bf16" if precision == "pure_bf16" else "fp32"
+
+
+@dataclass
+class SubspaceConfig(BasisConfig):
     """Keys shared by the methods that project gradients onto a rank-r subspace."""
 
     rank: int = 128  # r
@@ -77,14 +99,27 @@ class SubspaceMethod(Method):
         """Keys of the projected parameter group (read by the optimizer at every step)."""
         c = self.cfg
         return {"rank": c.rank, "scale": c.scale, "update_proj_gap": c.update_proj_gap, "proj_type": c.proj_type,
-                "clamp_rank": c.clamp_rank, "moments_on_refresh": c.moments_on_refresh}
+                "clamp_rank": c.clamp_rank, "moments_on_refresh": c.moments_on_refresh,
+                "basis_dtype": self.basis_dtype()}
+
+    def basis_dtype(self) -> str:
+        """``fp32`` or ``bf16`` (an unresolved ``auto``, outside a loaded run config, is fp32)."""
+        return "bf16" if self.cfg.basis_dtype == "bf16" else "fp32"
+
+    def basis_itemsize(self) -> int:
+        return 2 if self.basis_dtype() == "bf16" else 4
 
     def make_optimizer(self, groups: list[dict[str, Any]], **kw: Any) -> SubspaceAdam:
         raise NotImplementedError
 
     # -- hooks ---------------------------------------------------------------------------------------
+    def projected_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The parameters whose gradients are projected: the target projections' weights (Q-GaLore: the
+        gradient handles of its INT8 weights)."""
+        return [m.weight for _, m in select_targets(model, list(self.cfg.targets))]
+
     def param_groups(self, model: nn.Module, optim_cfg: OptimConfig) -> list[dict[str, Any]]:
-        projected = [m.weight for _, m in select_targets(model, list(self.cfg.targets))]
+        projected = self.projected_parameters(model)
         ids = {id(p) for p in projected}
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
         groups = [{"params": [p for p in rest if p.ndim >= 2], "weight_decay": optim_cfg.weight_decay},
@@ -119,11 +154,32 @@ class SubspaceMethod(Method):
         return projected_shape(shape, projection_side(self.cfg.proj_type, shape), rank)
 
     def basis_bytes(self, shape: tuple[int, int]) -> int:
-        """Bytes of the stored basis of one projected weight (SVD: the fp32 factor(s))."""
+        """Bytes of the stored basis of one projected weight (SVD: the factor(s), fp32 or bf16)."""
         m, n = shape
         rank = min(self.cfg.rank, min(shape))
         side = projection_side(self.cfg.proj_type, shape)
-        return 4 * rank * ({"left": m, "right": n, "full": m + n}[side])
+        return self.basis_itemsize() * rank * ({"left": m, "right": n, "full": m + n}[side])
+
+    # fp32 m x n matrices one projected update makes beyond the gradient (GaLore: Δ; Fira, FRUGAL: + residual)
+    full_size_temps = 1
+
+    def refresh_temp_bytes(self, shape: tuple[int, int]) -> float:
+        """Temporaries of choosing a new basis for an m x n gradient (GaLore: its SVD)."""
+        return svd_temp_bytes(shape)
+
+    def step_temp_bytes(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, precision: str) -> float:
+        """The larger of the plain-Adam step of the embedding and the projected step of the largest
+        target (at a refresh with its SVD), :mod:`lrpretrain.optim.memory`."""
+        worst = super().step_temp_bytes(model_cfg, optim_cfg, precision)
+        bits = self.state_bits(optim_cfg)
+        for shape in target_shapes(model_cfg, self.cfg.targets).values():
+            ms = self.moment_shape(shape)
+            projected = ms if ms is not None else shape
+            basis = self.basis_bytes(shape) / 2 if self.basis_dtype() == "bf16" else 0.0  # entries of a bf16 basis
+            step = projected_step_temp_bytes(shape, projected, basis, bits, precision, self.full_size_temps)
+            refresh = self.refresh_temp_bytes(shape) + (8.0 * shape[0] * shape[1] if precision == "pure_bf16" else 0.0)
+            worst = max(worst, step, refresh)
+        return worst
 
     def extra_bytes(self, shape: tuple[int, int]) -> int:
         """Other per-weight state (a limiter's norm)."""

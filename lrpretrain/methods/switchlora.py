@@ -50,6 +50,7 @@ from lrpretrain.methods.subspace import target_shapes
 from lrpretrain.methods.targets import TargetsConfig
 from lrpretrain.methods.toolkit import LoRALinear, check_rank, reparameterize
 from lrpretrain.optim import VectorwiseAdamW
+from lrpretrain.optim.bf16 import forget_compensation
 
 ORDERS = ("sequential", "random")
 
@@ -181,7 +182,7 @@ class SwitchLoRALinear(LoRALinear):
             new = free[torch.randperm(len(free), generator=generator)[:count]]
         rows = index.to(vectors.device)
         old = vectors[rows]  # advanced indexing: a copy
-        pool[slots[index]] = old.to(pool.device)  # the old vectors go back first (a random pick may take one)
+        pool[slots[index]] = old.to(pool.device, pool.dtype)  # the old vectors go back first (a random pick may take one)
         cand = pool[new].to(vectors.device, vectors.dtype)
         w0.add_(counterparts[rows].T.to(w0.dtype) @ (old - cand).to(w0.dtype), alpha=self.scale)
         vectors[rows] = cand
@@ -271,6 +272,7 @@ class SwitchLoRA(Method):
                 n = min(count, layer.free_run(which, opt.frozen_vectors(own)))
                 index = layer.switch_(which, n, self.cfg.candidate_order, self.generator)
                 if len(index):
+                    forget_compensation(opt.state[own], index, 0 if which == "A" else 1)  # new vectors
                     opt.restart_vectors(other, index)
                     opt.freeze_vectors(other, index, self.cfg.adam_warm_step)
                     switched += len(index)

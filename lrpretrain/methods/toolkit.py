@@ -43,6 +43,7 @@ from lrpretrain.errors import ConfigError
 from lrpretrain.methods.base import Reparameterized
 from lrpretrain.methods.targets import expand_targets, select_targets, set_module
 from lrpretrain.model.llama import flops_per_token, param_count
+from lrpretrain.optim.bf16 import forget_compensation
 
 if TYPE_CHECKING:
     from lrpretrain.config import ModelConfig
@@ -325,6 +326,7 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[tor
     zeroed = seen = 0
     for p in params:
         state = optimizer.state.get(p, {})
+        forget_compensation(state)  # restarted parameters are re-initialised or merged: the old rounding error goes
         for key in keys:
             t = state.get(key)
             if not isinstance(t, torch.Tensor) or t.numel() == 0:

@@ -12,8 +12,8 @@ last checkpoint does not recompute exactly. The W&B mirror is written by wandb's
 its failures are wandb's to report.
 """
 
-from lrpretrain.metrics.jsonl import rewind_jsonl
+from lrpretrain.metrics.jsonl import read_records, rewind_jsonl
 from lrpretrain.metrics.logger import MetricsLogger
 from lrpretrain.metrics.memory import peak_memory_mb, reset_peak_memory
 
-__all__ = ["MetricsLogger", "peak_memory_mb", "reset_peak_memory", "rewind_jsonl"]
+__all__ = ["MetricsLogger", "peak_memory_mb", "read_records", "reset_peak_memory", "rewind_jsonl"]

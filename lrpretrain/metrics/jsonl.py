@@ -1,4 +1,4 @@
-"""``metrics.jsonl`` on resume: records past the checkpoint move to ``metrics.rewound.jsonl``."""
+"""``metrics.jsonl``: reading it back; on resume, records past the checkpoint move to ``metrics.rewound.jsonl``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,19 @@ from lrpretrain.storage import guarded_write
 STOPPED = ("the run stops rather than train on with holes in metrics.jsonl; the checkpoints are intact: continue "
            "with trainer.resume=auto once it is fixed")
 
+def read_records(path: Path) -> list[dict]:
+    """The JSON objects of a JSONL file, one per line; a line cut by a crash is skipped; [] if absent."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
 
 
 def rewind_jsonl(path: Path, step: int) -> int:

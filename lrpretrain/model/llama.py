@@ -2,7 +2,9 @@
 
 RMSNorm (pre-norm), rotary position embeddings (the rotate-half layout of HF LLaMA), SwiGLU MLP,
 causal attention through ``scaled_dot_product_attention``, no biases, untied embedding and LM head,
-every weight initialised N(0, 0.02) as in the GaLore configs (``configs/llama_*.json``).
+every weight initialised N(0, 0.02) as in the GaLore configs (``configs/llama_*.json``). The weights
+are laid out as HF's ``LlamaForCausalLM`` lays them out (same RoPE convention, no q/k permutation):
+``lrpretrain export`` only renames them.
 
 Module names follow HF LLaMA where it matters for method targets: every attention projection lives
 under ``attn`` (q_proj, k_proj, v_proj, o_proj) and every MLP projection under ``mlp`` (gate_proj,
@@ -59,7 +61,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + _rotate_half(x) * sin).to(x.dtype)
 
 
+class KVCache:
+    """The keys and values one attention layer has seen (generation only): each call of the model then
+    computes only the new positions. Preallocated for ``max_len`` positions, filled from the left."""
+
+    def __init__(self, max_len: int):
+        self.max_len, self.len = max_len, 0
+        self.k: torch.Tensor | None = None  # (B, H, max_len, D)
+        self.v: torch.Tensor | None = None
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v (B, H, T, D) at the next positions; returns every position's keys and values."""
+        if self.k is None or self.v is None:
+            self.k = k.new_empty(*k.shape[:2], self.max_len, k.shape[3])
+            self.v = v.new_empty(*v.shape[:2], self.max_len, v.shape[3])
+        end = self.len + k.shape[2]
+        self.k[:, :, self.len:end], self.v[:, :, self.len:end] = k, v
+        self.len = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
 class Attention(nn.Module):
+    # generate() sets this to a KVCache while it decodes (a plain attribute: no state_dict key)
+    kv_cache: KVCache | None = None
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
@@ -81,7 +106,15 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        past = 0
+        if self.kv_cache is not None:
+            past = self.kv_cache.len
+            k, v = self.kv_cache.update(k, v)
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # query i sits at position past + i and sees keys 0 .. past + i (one new token: all of them)
+            mask = None if T == 1 else torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return y.transpose(1, 2).reshape(B, T, C)
 
 
@@ -122,20 +155,26 @@ class LLaMA(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.tie_weights()
         cos, sin = rope_cache(cfg.max_seq_len, cfg.dim // cfg.n_heads, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, vocab) logits."""
+    def forward(self, input_ids: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """(B, T) token ids at positions start_pos .. start_pos + T - 1 -> (B, T, vocab) logits
+        (start_pos > 0: decoding with a KV cache that holds the earlier positions)."""
         T = input_ids.shape[1]
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             x = layer(x, cos, sin) if layer.checkpoint_fn is None else layer.checkpoint_fn(layer, x, cos, sin)
         return self.lm_head(self.norm(x))
+
+    def tie_weights(self) -> None:
+        """With ``tie_embeddings`` the LM head is the embedding matrix (again after ``to_empty``, which
+        gives every module a parameter of its own)."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -182,20 +221,46 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 @torch.no_grad()
 def generate(model: LLaMA, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int = 0, eos_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample ``max_new_tokens`` continuations of ``ids`` (1, T). Greedy when temperature == 0."""
-    for _ in range(max_new_tokens):
-        context = ids[:, -model.cfg.max_seq_len:]
-        logits = model(context)[:, -1, :].float()
-        if temperature <= 0:
-            nxt = logits.argmax(-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k > 0:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, -math.inf)
-            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
-        ids = torch.cat([ids, nxt], dim=1)
-        if eos_id is not None and int(nxt) == eos_id:
-            break
+             top_k: int = 0, eos_id: int | None = None, generator: torch.Generator | None = None,
+             use_cache: bool = True) -> torch.Tensor:
+    """Sample ``max_new_tokens`` continuations of each row of ``ids`` (B, T). Greedy when temperature == 0.
+
+    With ``use_cache`` the prompt is run once (prefill) and every later step runs the newest token only,
+    attending to the keys and values cached in each attention layer. Past ``max_seq_len`` tokens the
+    context is the last ``max_seq_len`` tokens at positions 0 .. max_seq_len - 1, recomputed each step,
+    with or without the cache (what the model saw in training; a sliding cache would keep keys computed
+    from tokens that have left the window). A row that produced ``eos_id`` gets ``eos_id`` from then on;
+    generation stops when every row has.
+    """
+    L = model.cfg.max_seq_len
+    attns = [m for m in model.modules() if isinstance(m, Attention)] if use_cache else []
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    cached = 0  # positions of ids held in the caches
+    try:
+        for _ in range(max_new_tokens):
+            if attns and 0 < cached < ids.shape[1] <= L:
+                logits = model(ids[:, cached:], start_pos=cached)
+            else:  # the prompt, or a window past max_seq_len: from scratch
+                for a in attns:
+                    a.kv_cache = KVCache(L)
+                logits = model(ids[:, -L:])
+            cached = ids.shape[1]
+            logits = logits[:, -1, :].float()
+            if temperature <= 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k > 0:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, -math.inf)
+                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+            if eos_id is not None:
+                nxt = nxt.masked_fill(done[:, None], eos_id)
+                done |= nxt[:, 0] == eos_id
+            ids = torch.cat([ids, nxt], dim=1)
+            if bool(done.all()):
+                break
+    finally:
+        for a in attns:
+            a.kv_cache = None
     return ids

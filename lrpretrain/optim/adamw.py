@@ -8,7 +8,9 @@ plain tensors, so checkpoints load with ``torch.load(weights_only=True)``.
 
 ``state_bits=8`` (``optim.state_bits=8``) stores m and v of every tensor with at least 4096 entries as
 blockwise 8-bit codes (:mod:`lrpretrain.optim.quant8`, bitsandbytes' format: 8-bit Adam); each step
-dequantises them, runs the same arithmetic in fp32 and quantises back.
+dequantises them, runs the same arithmetic in fp32 and quantises back. The step is element-wise, so
+it runs in pieces of a large tensor (:meth:`~lrpretrain.optim.ParamwiseOptimizer.elementwise_step`):
+the same result, with one piece's temporaries.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 
 from lrpretrain.optim import moments, quant8
-from lrpretrain.optim.base import ParamwiseOptimizer
+from lrpretrain.optim.base import ElementwiseUpdate, ParamwiseOptimizer
 
 
 class AdamW(ParamwiseOptimizer):
@@ -34,24 +36,26 @@ class AdamW(ParamwiseOptimizer):
                                   "state_bits": state_bits})
 
     def step_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        grad = p.grad
+        self.elementwise_step(p, group)
+
+    def elementwise(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        return True
+
+    def begin_elementwise(self, p: torch.Tensor, group: dict[str, Any]) -> ElementwiseUpdate:
         state = self.state[p]
-        eight_bit = quant8.use_8bit(p.numel(), group["state_bits"])
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32)
-            if eight_bit:
+            if quant8.use_8bit(p.numel(), group["state_bits"]):
                 moments.init_moments(state, p, 8)
-            else:
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            else:  # fp32 also for a bf16 weight (trainer.precision=pure_bf16)
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
         state["step"] += 1
         step = int(state["step"].item())
         beta1, beta2 = group["betas"]
-        m, v = moments.load(state)
-        adamw_update_(p, grad, m, v, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
-                      1 - beta1**step, math.sqrt(1 - beta2**step))
-        if eight_bit:
-            moments.save(state, m, v)
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        bc1, bc2_sqrt = 1 - beta1**step, math.sqrt(1 - beta2**step)
+        return lambda w, g, m, v: adamw_update_(w, g, m, v, lr, beta1, beta2, eps, wd, bc1, bc2_sqrt)
 
 
 def adamw_update_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, lr: float,

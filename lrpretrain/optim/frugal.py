@@ -41,7 +41,8 @@ class FrugalAdamW(SubspaceAdam):
     form = "torch"
     group_keys = ("density", "update_proj_gap", "scale", "proj_type")
     group_defaults = {"moments_on_refresh": "reset", "clamp_rank": False, "subspace": "svd",
-                      "inactive_update_rule": "sign_sgd", "inactive_lr_scale": 1.0, "block_order": "descending"}
+                      "inactive_update_rule": "sign_sgd", "inactive_lr_scale": 1.0, "block_order": "descending",
+                      "basis_dtype": "fp32"}
 
     def __init__(self, params, subspace: str = "svd", **kw):
         if subspace not in SUBSPACES:

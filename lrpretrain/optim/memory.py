@@ -7,6 +7,7 @@ import math
 
 from lrpretrain.config import ModelConfig
 from lrpretrain.optim import quant8
+from lrpretrain.optim.base import CHUNK
 
 
 def moment_pair_bytes(numel: float, bits: int) -> float:
@@ -35,3 +36,35 @@ def optimizer_temp_bytes(largest: float, bits: int) -> float:
     """Temporaries of one parameter's AdamW step: sqrt(v) and its scaled copy; with 8-bit states also
     the dequantised m and v and their requantised codes."""
     return 4.0 * largest * (2 + (2 if bits == 8 else 0)) + (2.0 * largest if bits == 8 else 0.0)
+
+
+def elementwise_temp_bytes(numel: float, bits: int, precision: str) -> float:
+    """Temporaries of an element-wise (Adam) step of a tensor of ``numel`` entries, which runs in pieces
+    of at most :data:`~lrpretrain.optim.base.CHUNK` entries: AdamW's (:func:`optimizer_temp_bytes`)
+    for one piece, and under pure bf16 the piece's fp32 working copies of weight and gradient."""
+    piece = min(numel, CHUNK)
+    return optimizer_temp_bytes(piece, bits) + (8.0 * piece if precision == "pure_bf16" else 0.0)
+
+
+def projected_step_temp_bytes(shape: tuple[int, int], projected: tuple[int, int], basis: float, bits: int,
+                              precision: str, full_size: int = 1) -> float:
+    """Temporaries of one projected-gradient step (GaLore's family) of an m x n weight whose projected
+    gradient R has shape ``projected``: under pure bf16 the fp32 working copies of the weight and its
+    gradient (2mn x 4 bytes); R, Adam's direction and its denominator (3 |R|), the dequantised moments
+    and their new codes with 8-bit states; an fp32 copy of a bf16-stored basis (``basis`` entries); and
+    ``full_size`` fp32 m x n matrices of the update itself (GaLore: Δ = α·P·N; Fira, FRUGAL: also the
+    residual)."""
+    m, n = shape
+    r = projected[0] * projected[1]
+    moments = (8.0 * r + 2.0 * r) if quant8.use_8bit(r, bits) else 0.0
+    return ((8.0 * m * n if precision == "pure_bf16" else 0.0) + 4.0 * full_size * m * n + 12.0 * r + moments
+            + 4.0 * basis)
+
+
+def svd_temp_bytes(shape: tuple[int, int]) -> float:
+    """Temporaries of the fp32 SVD (``torch.linalg.svd(full_matrices=False)``) of an m x n gradient:
+    LAPACK's copy of the input, U (m x k), S and Vh (k x n), and gesdd's workspace (about 3k^2 + 4k
+    values), k = min(m, n)."""
+    m, n = shape
+    k = min(m, n)
+    return 4.0 * (m * n + m * k + k + k * n + 3 * k * k + 4 * k)

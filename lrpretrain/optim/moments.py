@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from lrpretrain.comm import local
 from lrpretrain.optim import quant8
 
 State = dict[str, Any]
@@ -62,6 +63,40 @@ def save(state: State, m: torch.Tensor, v: torch.Tensor) -> None:
         _store(state, m, v, True)
     elif m is not state["exp_avg"]:
         state["exp_avg"], state["exp_avg_sq"] = m, v
+
+
+def _blocks(sl: slice) -> slice:
+    """The absmax entries of the 8-bit blocks that the flat slice ``sl`` covers (``sl.start`` is a
+    multiple of the block size)."""
+    return slice(sl.start // quant8.BLOCK, -(-sl.stop // quant8.BLOCK))
+
+
+def load_slice(state: State, sl: slice | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m, v) of the flat entries ``sl`` (None: the whole, unflattened tensors) as fp32 tensors: views
+    of the stored moments (updated in place) or dequantised copies of their 8-bit blocks."""
+    if sl is None:
+        m, v = load(state)
+        return local(m), local(v)
+    if "exp_avg_q8" in state:
+        b = _blocks(sl)
+        return (quant8.dequantize(state["exp_avg_q8"].view(-1)[sl], state["exp_avg_absmax"][b], signed=True),
+                quant8.dequantize(state["exp_avg_sq_q8"].view(-1)[sl], state["exp_avg_sq_absmax"][b], signed=False))
+    return local(state["exp_avg"]).view(-1)[sl], local(state["exp_avg_sq"]).view(-1)[sl]
+
+
+def save_slice(state: State, sl: slice | None, m: torch.Tensor, v: torch.Tensor) -> None:
+    """Write back what :func:`load_slice` gave: nothing to do for fp32 views; the 8-bit codes and absmax
+    of the slice's blocks are requantised in place (a block never straddles two slices)."""
+    if "exp_avg_q8" not in state:
+        return
+    if sl is None:
+        _store(state, m, v, True)
+        return
+    b = _blocks(sl)
+    for key, x, signed in (("exp_avg", m, True), ("exp_avg_sq", v, False)):
+        codes, absmax = quant8.quantize(x, signed)
+        state[key + "_q8"].view(-1)[sl].copy_(codes.view(-1))
+        state[key + "_absmax"][b].copy_(absmax)
 
 
 def update(state: State, grad: torch.Tensor, beta1: float, beta2: float) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -126,7 +126,8 @@ def svd_bases(G: torch.Tensor, side: str, rank: int, previous: Bases, seed: int)
     """(P, Q, fell_back) for ``side``: fp32 SVD with the fallbacks described in the module docstring."""
     A = G.detach().float()
     left, right = side in ("left", "full"), side in ("right", "full")
-    if torch.isfinite(A).all() and A.abs().amax() > 0:
+    hi, lo = float(A.amax()), float(A.amin())  # finite and not all zero, without a gradient-sized temporary
+    if math.isfinite(hi) and math.isfinite(lo) and max(hi, -lo) > 0:
         try:
             U, _, Vh = torch.linalg.svd(A, full_matrices=False)
             if not (torch.isfinite(U).all() and torch.isfinite(Vh).all()):

@@ -34,7 +34,7 @@ from torch.distributed.tensor import DTensor
 
 from lrpretrain.comm import shard_rows
 from lrpretrain.optim import moments
-from lrpretrain.optim.base import ParamwiseOptimizer
+from lrpretrain.optim.base import ElementwiseUpdate, ParamwiseOptimizer
 from lrpretrain.optim.projector import PROJ_TYPES, Basis, next_seed, project, projected_shape, projection_side
 
 MOMENTS_ON_REFRESH = ("keep", "reset", "rotate")
@@ -45,7 +45,7 @@ class SubspaceAdam(ParamwiseOptimizer):
 
     form = "hf"  # where Adam's eps sits (moments.normalized): the GaLore/Fira/APOLLO references' form
     group_keys: tuple[str, ...] = ("rank", "update_proj_gap", "scale", "proj_type")
-    group_defaults: dict[str, Any] = {"moments_on_refresh": "keep", "clamp_rank": False}
+    group_defaults: dict[str, Any] = {"moments_on_refresh": "keep", "clamp_rank": False, "basis_dtype": "fp32"}
 
     def __init__(self, params, basis: Basis, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, state_bits: int = 32, seed: int = 0):
@@ -111,9 +111,10 @@ class SubspaceAdam(ParamwiseOptimizer):
             state["step"] = 0
         rank = self.rank_of(p, group)
         side = projection_side(group["proj_type"], tuple(G.shape))
-        if state["step"] % group["update_proj_gap"] == 0:
+        if self.refresh_due(state, group):
             self.refresh(p, group, state, G, side, rank)
         P, Q = self.basis.get(state, G, side, rank)
+        P, Q = _as(P, G.dtype), _as(Q, G.dtype)  # a bf16-stored basis (basis_dtype=bf16) is used in fp32
         R = project(G, P, Q)
         beta1, beta2 = group["betas"]
         m, v, t = moments.update(state, R, beta1, beta2)
@@ -126,6 +127,11 @@ class SubspaceAdam(ParamwiseOptimizer):
         delta = self.update(p, group, state, G, R, N, P, Q, side, lr * factor)
         W.sub_((delta if rows is None else delta[rows]).to(W.dtype))
 
+    def refresh_due(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
+        """Whether this step chooses a new basis: at steps 0, T, 2T, ... of the weight (Q-GaLore's lazy
+        refresh lengthens each weight's own gap)."""
+        return state["step"] % group["update_proj_gap"] == 0
+
     def refresh(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], G: torch.Tensor,
                 side: str, rank: int) -> None:
         """New basis from G; then the moments follow ``moments_on_refresh``."""
@@ -133,6 +139,10 @@ class SubspaceAdam(ParamwiseOptimizer):
         policy = group["moments_on_refresh"]
         old = None if first or policy != "rotate" else self.basis.get(state, G, side, rank)
         self.basis.refresh(state, G, side, rank, self.seed_of(p))
+        keep = torch.bfloat16 if group["basis_dtype"] == "bf16" else torch.float32
+        for key in ("proj_left", "proj_right"):  # stored factors (SVD bases) in basis_dtype
+            if key in state and state[key].dtype != keep:
+                state[key] = state[key].to(keep)
         if first:
             moments.init_moments(state, G.new_empty(projected_shape(tuple(G.shape), side, rank)), group["state_bits"])
         elif policy == "reset":
@@ -151,18 +161,30 @@ class SubspaceAdam(ParamwiseOptimizer):
 
     def dense_step(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         """Plain Adam (same form and LR) for the parameters that are not projected."""
+        self.elementwise_step(p, group)
+
+    def elementwise(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        return not group.get("projected")
+
+    def begin_elementwise(self, p: torch.Tensor, group: dict[str, Any]) -> ElementwiseUpdate:
         state = self.state[p]
         if not state:
             state["step"] = 0
             moments.init_moments(state, p, group["state_bits"])
-        beta1, beta2 = group["betas"]
-        m, v, t = moments.update(state, p.grad, beta1, beta2)
-        N, factor = moments.normalized(m, v, t, beta1, beta2, group["eps"], self.form)
         state["step"] += 1
+        state["adam_step"] += 1
+        t, (beta1, beta2), eps = state["adam_step"], group["betas"], group["eps"]
         lr, wd = group["lr"], group["weight_decay"]
-        if wd != 0:
-            p.mul_(1 - lr * wd)
-        p.add_(N.to(p.dtype), alpha=-lr * factor)
+
+        def update(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> None:
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            N, factor = moments.normalized(m, v, t, beta1, beta2, eps, self.form)
+            if wd != 0:
+                w.mul_(1 - lr * wd)
+            w.add_(N.to(w.dtype), alpha=-lr * factor)
+
+        return update
 
     # -- introspection ---------------------------------------------------------------------------
     def state_bytes(self) -> int:
@@ -171,6 +193,10 @@ class SubspaceAdam(ParamwiseOptimizer):
 
     def svd_fallbacks(self) -> int:
         return sum(s.get("svd_fallbacks", 0) for s in self.state.values())
+
+
+def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def channel_scaling(N: torch.Tensor, R: torch.Tensor, side: str) -> torch.Tensor:

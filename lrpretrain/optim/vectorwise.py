@@ -39,6 +39,9 @@ class VectorwiseAdamW(AdamW):
                 raise ValueError("param groups with per-vector state must hold matrices only")
 
     # -- the update ------------------------------------------------------------------------------
+    def elementwise(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        return group.get("vectors") is None  # per-vector counters: stepped whole (LoRA factors are small)
+
     def step_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         axis = group.get("vectors")
         if axis is None:
@@ -87,8 +90,9 @@ class VectorwiseAdamW(AdamW):
             dim = self._dim(p) if axis is None else _AXES.index(axis)
             shape = (p.shape[0], 1) if dim == 0 else (1, p.shape[1])
             state["step"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            # a float like the moments: optimizer.load_state_dict casts every state tensor but "step" to p's dtype
-            state["frozen"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
+            # fp32 also for a bf16 weight (trainer.precision=pure_bf16): this state may be made outside a step
+            # (a switch freezes vectors), where p is not the fp32 working copy that update_param hands the step
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            state["frozen"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
         return state

@@ -13,12 +13,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from lrpretrain import comm
 from lrpretrain.config import Config
-from lrpretrain.data import TokenStream, ValidationSet, load_tokenizer
+from lrpretrain.data import TokenStream, ValidationSet, has_validation, load_tokenizer
 from lrpretrain.distributed.strategy import Strategy, build_strategy
 from lrpretrain.errors import ConfigError
 from lrpretrain.methods import Method, get_method
 from lrpretrain.metrics import MetricsLogger
-from lrpretrain.model import build_model
+from lrpretrain.model import build_model, cast_parameters
+from lrpretrain.optim import ParamwiseOptimizer
+from lrpretrain.optim.bf16 import Bf16Update
 from lrpretrain.train.assemble import from_yaml, load_config
 from lrpretrain.train.lock import RunLock
 from lrpretrain.train.per_layer import PerLayerUpdate
@@ -45,6 +47,8 @@ def model_builder(cfg: Config, plugin: Method) -> Callable[..., torch.nn.Module]
         method = get_method(cfg.method.name)(cfg.method, cfg.model) if reference else plugin
         seed_everything(cfg.seed)
         m = method.prepare_model(build_model(cfg.model, dev, materialize=torch.device(dev).type != "meta"))
+        if cfg.trainer.precision == "pure_bf16":  # initialised (and the surgery done) in fp32, then stored in bf16
+            cast_parameters(m, torch.bfloat16)
         apply_recompute(m, cfg.trainer.recompute, cfg.trainer.recompute_every, method)
         return m
 
@@ -83,13 +87,15 @@ def _build(cfg: Config, resolved: DictConfig, strategy: Strategy, device: torch.
     data = strategy.data_stream(lambda mb, rank, world: TokenStream(cfg.data, tokenizer, mb, rank, world,
                                                                     vocab_size=cfg.model.vocab_size),
                                 cfg.trainer.micro_batch_size)
-    val = ValidationSet(cfg.data, tokenizer, r, w) if cfg.data.val_tokens > 0 and _has_validation(cfg) else None
+    val = ValidationSet(cfg.data, tokenizer, r, w) if cfg.data.val_tokens > 0 and has_validation(cfg.data) else None
 
     # Model, method and optimizer before the run directory: a combination they refuse leaves nothing behind.
     plugin = get_method(cfg.method.name)(cfg.method, cfg.model)
     model = strategy.build_model(model_builder(cfg, plugin))
     optimizer = strategy.build_optimizer(model, lambda: plugin.build_optimizer(plugin.param_groups(model, cfg.optim),
                                                                                cfg.optim))
+    if cfg.trainer.precision == "pure_bf16":
+        attach_bf16_update(optimizer, cfg.trainer.bf16_update, cfg.seed)
     accum = cfg.trainer.batch_size // (cfg.trainer.micro_batch_size * w)
     per_layer = PerLayerUpdate(model, optimizer, cfg.trainer.per_layer_clip, cfg.optim.grad_clip, accum,
                                graph_is_reusable(cfg.trainer.recompute), strategy) if cfg.trainer.per_layer_update else None
@@ -102,7 +108,7 @@ def _build(cfg: Config, resolved: DictConfig, strategy: Strategy, device: torch.
     for m in [*notes, *logs]:
         logger.info(f"warning: {m}")
     if val is None:
-        logger.info("no validation data (data.val_files is empty or data.val_tokens=0): evaluation is off")
+        logger.info("no validation data (data.val_files is empty, no validation shards, or data.val_tokens=0): evaluation is off")
     elif val.short:
         logger.info(f"validation: {val.available_tokens} tokens available, fewer than data.val_tokens={cfg.data.val_tokens}")
     if val is not None and cfg.eval.protocol == "galore" and val.available_tokens <= cfg.eval.galore_tokens:
@@ -111,15 +117,20 @@ def _build(cfg: Config, resolved: DictConfig, strategy: Strategy, device: torch.
                     f"(data.val_tokens={cfg.data.val_tokens}): its figure covers fewer batches than GaLore's")
 
     if cfg.trainer.precision == "bf16" and device.type == "cpu":
-        logger.info("warning: trainer.precision=bf16 on the CPU: without native bf16 matmuls this is far slower "
-                    "than fp32 (29x on the CPU in benchmarks/results/README.md)")
+        logger.info("warning: trainer.precision=bf16 on the CPU: autocast's bf16 matmuls are far slower than fp32 "
+                    "(29x on the CPU in benchmarks/results/README.md)")
+    if cfg.trainer.precision == "pure_bf16" and device.type == "cpu" and not cpu_has_bf16_matmul():
+        logger.info("warning: trainer.precision=pure_bf16 on a CPU without bf16 matrix instructions (avx512_bf16, "
+                    "amx_bf16 or Arm's bf16): its bf16 matmuls are emulated and far slower than fp32")
     cost = plugin.cost(cfg.model, cfg.data.seq_len)
     trainer = Trainer(cfg, resolved, model, plugin, optimizer, data, val, run_dir, logger, device, accum,
                       flops_per_token=cost["flops_per_token"], per_layer=per_layer, strategy=strategy, forward=forward)
     logger.info(f"run {run_dir} | model {cfg.model.name} ({n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable) | "
                 f"method {cfg.method.name} | data {cfg.data.name} ({cfg.data.mode}, seq {cfg.data.seq_len}) | "
                 f"{cfg.trainer.batch_size} seq/update = {accum} x {cfg.trainer.micro_batch_size} x {w} | "
-                f"device {device} | {trainer.precision} | distributed.strategy={strategy.name}")
+                f"device {device} | {trainer.precision}"
+                f"{f' ({cfg.trainer.bf16_update} rounding of the updates)' if trainer.precision == 'pure_bf16' else ''} | "
+                f"distributed.strategy={strategy.name}")
     if cfg.trainer.recompute != "none":
         k = cfg.trainer.recompute_every
         which = "" if cfg.trainer.recompute == "method" else " (every block)" if k == 1 else f" (blocks 0, {k}, {2 * k}, ...)"
@@ -129,14 +140,33 @@ def _build(cfg: Config, resolved: DictConfig, strategy: Strategy, device: torch.
     return trainer
 
 
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (x86 AVX512-BF16 or AMX-BF16, Arm BF16), from
+    the flags Linux reports; elsewhere (no /proc/cpuinfo) False."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def attach_bf16_update(optimizer: torch.optim.Optimizer, rule: str, seed: int) -> None:
+    """``trainer.precision=pure_bf16``: the optimizer steps bf16 weights through fp32 working copies and
+    rounds back with ``trainer.bf16_update`` (:mod:`lrpretrain.optim.bf16`)."""
+    if not isinstance(optimizer, ParamwiseOptimizer):
+        raise ConfigError(f"trainer.precision=pure_bf16 needs a lrpretrain.optim.ParamwiseOptimizer (it rounds each "
+                          f"parameter's update into bf16); the method's optimizer is {type(optimizer).__name__}")
+    optimizer.bf16_update = Bf16Update(rule, seed)
+
+
 def _prepare_run_dir(run_dir: Path, resolved: DictConfig, cfg: Config) -> list[str]:
     logs: list[str] = []
     prepare_run_dir(run_dir, resolved, cfg.trainer.resume, cfg.run.overwrite, logs.append)
     return logs
-
-
-def _has_validation(cfg: Config) -> bool:
-    return cfg.data.source != "jsonl" or len(cfg.data.val_files) > 0
 
 
 def train(cfg: Config, resolved: DictConfig) -> dict[str, Any]:

@@ -51,6 +51,8 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
     config.validate_sections(cfg)
     if hasattr(cfg.method, "validate_for_model"):  # checks that need the model's shapes (e.g. rank <= min(m, n))
         cfg.method.validate_for_model(cfg.model)
+    if hasattr(cfg.method, "resolve_for_precision"):  # e.g. GaLore's basis_dtype=auto: the weights' dtype
+        cfg.method.resolve_for_precision(cfg.trainer.precision)
     config.validate_across_sections(cfg, world_size)
     get_strategy(cfg.distributed.strategy).validate(cfg, world_size)  # combinations the strategy refuses
     t = cfg.trainer

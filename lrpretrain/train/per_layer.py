@@ -1,7 +1,7 @@
 """Per-layer (in-backward) updates: ``trainer.per_layer_update=true``.
 
 Each parameter's optimizer step runs inside the backward, in a post-accumulate-grad hook, as soon as
-its gradient is complete, through the optimizer's own ``step_param(p, group)`` (every optimizer here
+its gradient is complete, through the optimizer's own ``update_param(p, group)`` (every optimizer here
 is a :class:`~lrpretrain.optim.ParamwiseOptimizer`, so this is the same code as the global step);
 the gradient is freed at once. At most one parameter's gradient is alive at a time instead of all of
 them: for AdamW that removes the gradient term (4 bytes per parameter in fp32) from peak memory.
@@ -193,6 +193,6 @@ class PerLayerUpdate:
                 local(g).mul_(clip_coefficient(self.max_norm, norm))
         elif self._coef is not None:  # pass 2 of global: the norm is known
             local(g).mul_(self._coef)
-        self.optimizer.step_param(p, self.optimizer.group_of(p))
+        self.optimizer.update_param(p, self.optimizer.group_of(p))
         self._stepped += 1
         p.grad = None

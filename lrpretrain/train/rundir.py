@@ -24,8 +24,9 @@ from lrpretrain.storage import atomic_write_text
 OPERATIONAL = (
     "trainer.resume", "trainer.max_steps", "trainer.eval_every", "trainer.eval_at_start", "trainer.ckpt_every",
     "trainer.keep_last", "trainer.ckpt_checksum", "trainer.log_every", "trainer.threads", "trainer.compile",
-    "trainer.eval_batch_size", "trainer.on_nonfinite", "trainer.max_nonfinite", "trainer.recompute",
-    "trainer.recompute_every", "eval", "logging", "run.overwrite", "run.name", "run.dir", "run.break_lock",
+    "trainer.compile_backend", "trainer.eval_batch_size", "trainer.on_nonfinite", "trainer.max_nonfinite",
+    "trainer.recompute", "trainer.recompute_every", "eval", "logging", "run.overwrite", "run.name", "run.dir",
+    "run.break_lock",
 )
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")
 

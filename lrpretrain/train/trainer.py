@@ -1,7 +1,8 @@
 """The training loop: it wires the built parts together and calls the method's hooks.
 
 It never asks which method is running. One optimizer update (:meth:`Trainer.train_step`) is:
-fetch the step's micro-batches, set the LR (schedule x method factor), forward + backward each (loss
+fetch the step's micro-batches, set the LR (schedule x method factor), ``method.before_step``, forward +
+backward each (loss
 normalised by the step's target tokens, so the update does not depend on how the batch is split),
 clip, guard against non-finite values, step (an optimizer that ``reevaluates`` gets a closure that runs
 the update's forward and backward again), ``method.after_step``. With per-layer updates
@@ -63,7 +64,7 @@ class Trainer:
         self.model = model  # unwrapped: what the method's hooks and checkpoints see
         self.strategy = strategy or Strategy(cfg)  # distributed.strategy (lrpretrain/distributed/strategy.py)
         forward = model if forward is None else forward  # the wrapped module (DDP, engine) or the model
-        self.forward = torch.compile(forward) if cfg.trainer.compile else forward
+        self.forward = torch.compile(forward, backend=cfg.trainer.compile_backend) if cfg.trainer.compile else forward
         self.method = method
         self.optimizer = optimizer
         for group in optimizer.param_groups:
@@ -77,8 +78,9 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.state = TrainState()
         self.ckpt = Checkpointer(run_dir, cfg.trainer.keep_last, cfg.trainer.ckpt_checksum)
-        bf16 = cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and device.type == "cuda")
-        self.precision = "bf16" if bf16 else "fp32"
+        # fp32 | bf16 (autocast over fp32 master weights) | pure_bf16 (the model is bf16: no autocast)
+        self.precision = cfg.trainer.resolved_precision(device.type == "cuda")
+        bf16 = self.precision == "bf16"
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
         self._stop_signal: str | None = None
 
@@ -130,6 +132,8 @@ class Trainer:
         factor = lr_factor(step, self.cfg.optim, self.tcfg.max_steps) * self.method.lr_factor(step)
         for group in self.optimizer.param_groups:  # before any backward: per-layer updates step inside one
             group["lr"] = group["initial_lr"] * factor
+        self.method.before_step(StepContext(step, self.model, self.optimizer, self.cfg.optim.lr * factor, math.nan,
+                                            micro_batches=self.accum_steps))
 
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         strategy = self.strategy
