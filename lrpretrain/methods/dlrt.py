@@ -61,6 +61,14 @@ Choices where the paper (and its reference code) is silent or where we differ, o
 - The second pass's core gradients are clipped by their own global norm (``optim.grad_clip``); the first
   pass's gradients are clipped by the trainer as for any method. A non-finite core gradient skips the
   S-step: the update then only truncates W (the trainer has already ruled out a non-finite first pass).
+- ``trainer.precision=pure_bf16``: K, L and S are bf16 parameters; the orthonormal bases U, V stay fp32
+  buffers (every buffer keeps its dtype under pure bf16; a bf16-rounded basis is orthonormal only to
+  ~1e-2, an error the Galerkin projection would carry into every update, for 2 bytes x r(m + n) per
+  target). The integrator runs in fp32 on working copies (with the ``kahan`` rule's kept rounding error
+  added back), the cores S̃ are fp32 leaves, and the new S, K = U S and L = V Sᵀ are written back by the
+  run's rounding rule (``trainer.bf16_update``, :mod:`lrpretrain.optim.bf16`: stochastic bits keyed by
+  each factor's slot and update count; a Kahan buffer shaped like the new factor, the old one having
+  been consumed). The dense parameters step through the shared bf16 path of every optimizer.
 - FLOPs per token (``cost``) count both passes (the second: the targets through the augmented factors,
   the LM head's input gradient, attention; no weight gradients of the dense parameters); the QRs and
   SVDs (once per update, not per token) are not counted.
@@ -93,6 +101,7 @@ from lrpretrain.methods.toolkit import (
 )
 from lrpretrain.model.memory import outside_layers_bytes, rope_bytes
 from lrpretrain.optim import AdamW, moments
+from lrpretrain.optim.bf16 import forget_compensation
 from lrpretrain.optim.clip import clip_coefficient, grad_norm
 from lrpretrain.optim.loro import qr_positive
 from lrpretrain.optim.memory import adamw_state_bytes, moment_pair_bytes
@@ -202,10 +211,11 @@ class DLRTLinear(Reparameterized):
 
     @torch.no_grad()
     def set_factors_(self, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> None:
-        """W = U S Vᵀ (any rank): U, V, S take these values and shapes; K = U S, L = V Sᵀ."""
+        """W = U S Vᵀ (any rank): U, V, S take these values and shapes; K = U S, L = V Sᵀ. The bases keep
+        their buffers' dtype (fp32 under ``trainer.precision=pure_bf16``), the parameters theirs."""
         dtype = self.S.dtype
-        self.U = U.to(dtype).contiguous()
-        self.V = V.to(dtype).contiguous()
+        self.U = U.to(self.U.dtype).contiguous()
+        self.V = V.to(self.V.dtype).contiguous()
         self.S.data = S.to(dtype).contiguous()
         self.K.data = (_hp(U) @ _hp(S)).to(dtype)
         self.L.data = (_hp(V) @ _hp(S).T).to(dtype)
@@ -215,16 +225,17 @@ class DLRTLinear(Reparameterized):
         """Every tensor at shapes of rank ``rank`` (values undefined: a checkpoint's are loaded next)."""
         kw = {"device": self.S.device, "dtype": self.S.dtype}
         m, n = self.out_features, self.in_features
-        self.U, self.V = torch.empty(m, rank, **kw), torch.empty(n, rank, **kw)
+        self.U, self.V = self.U.new_empty(m, rank), self.V.new_empty(n, rank)
         self.S.data, self.K.data, self.L.data = (torch.empty(rank, rank, **kw), torch.empty(m, rank, **kw),
                                                  torch.empty(n, rank, **kw))
 
     @torch.no_grad()
     def begin_galerkin(self, U_hat: torch.Tensor, S_tilde: torch.Tensor, V_hat: torch.Tensor) -> torch.Tensor:
-        """The S-step's forward: W = Û S̃ V̂ᵀ (the same function). Returns S̃, the leaf that takes ∇S̃."""
-        dtype = self.S.dtype
-        core = S_tilde.to(dtype).requires_grad_(True)
-        self.galerkin = (U_hat.to(dtype), core, V_hat.to(dtype))
+        """The S-step's forward: W = Û S̃ V̂ᵀ (the same function). Returns S̃, the leaf that takes ∇S̃. All
+        three in the integrator's working precision (fp32 at least: under pure bf16 the forward casts them
+        to bf16 for its matmuls, and S̃'s gradient arrives in fp32)."""
+        core = _hp(S_tilde).requires_grad_(True)
+        self.galerkin = (_hp(U_hat), core, _hp(V_hat))
         return core
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -318,14 +329,13 @@ class BUGIntegrator(AdamW):
         # 1. K- and L-steps on the trainer's gradients, 2. the new bases and the Galerkin cores
         old = []
         for layer in self.layers:
-            dK, dL = (self._substep(p, p.grad, self.state[p], group, lr, 0.0) if p.grad is not None
-                      else torch.zeros_like(p) for p in (layer.K, layer.L))
+            (K1, dK), (L1, dL) = (self._kl_step(p, group, lr) for p in (layer.K, layer.L))
             layer.K.grad = layer.L.grad = None
-            U, V, S = _hp(layer.U), _hp(layer.V), _hp(layer.S)
+            U, V, S = _hp(layer.U), _hp(layer.V), self._working(layer.S)
             if self.adaptive:  # span[U | K₁] = span[U | K₁ - K₀]: the step itself, free of K₀'s rounding
                 U_hat, V_hat = augmented_basis(U, _hp(dK)), augmented_basis(V, _hp(dL))
             else:
-                U_hat, V_hat = qr_positive(_hp(layer.K))[0], qr_positive(_hp(layer.L))[0]
+                U_hat, V_hat = qr_positive(K1)[0], qr_positive(L1)[0]
             M, N = U_hat.T @ U, V_hat.T @ V
             self._transport(layer.S, M, N, group)
             layer.begin_galerkin(U_hat, M @ S @ N.T, V_hat)
@@ -350,7 +360,7 @@ class BUGIntegrator(AdamW):
                 if not g.get("dlrt"):
                     for p in g["params"]:
                         if p.grad is not None:
-                            super().step_param(p, g)
+                            self.update_param(p, g)  # AdamW, through the bf16 rounding under pure bf16
             # 5. truncation, the new factors and the moments in their bases
             for layer, (U, V) in zip(self.layers, old):
                 self._finish(layer, U, V, group)
@@ -388,6 +398,38 @@ class BUGIntegrator(AdamW):
         self._transport(layer.L, None, U1.T @ U, group)  # L's along U
         layer.galerkin = None
         layer.set_factors_(U1, S1, V1)
+        if self.bf16_update is not None:  # pure bf16: the trained factors written by the run's rounding rule
+            for p, value in ((layer.S, S1), (layer.K, U1 @ S1), (layer.L, V1 @ S1.T)):
+                self._write(p, value)
+
+    def _kl_step(self, p: torch.Tensor, group: dict[str, Any], lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K- or L-step of ``p`` on its gradient: (the new value, the step), in the working precision
+        (``p`` itself, stepped in place, for fp32 and fp64 weights)."""
+        x = self._working(p)
+        if p.grad is None:
+            return x, torch.zeros_like(x)
+        return x, self._substep(x, _hp(p.grad), self.state[p], group, lr, 0.0)
+
+    def _working(self, p: torch.Tensor) -> torch.Tensor:
+        """``p`` in the integrator's working precision: a bf16 factor as an fp32 copy, with the rounding error
+        the ``kahan`` rule kept for it added back (the value the last update computed)."""
+        x = _hp(p)
+        comp = self.state[p].get("bf16_comp") if self._rounding(p) is not None else None
+        return x if comp is None else x + comp.float()
+
+    def _write(self, p: torch.Tensor, value: torch.Tensor) -> None:
+        """Store the working-precision ``value`` (any rank) into the bf16 parameter ``p`` by the run's rounding
+        rule (``trainer.bf16_update``), keyed by p's slot and update count as every other weight's. A Kahan
+        buffer of the previous value was consumed by :meth:`_working`; a new one is kept for this value."""
+        rounding = self._rounding(p)
+        if rounding is None:
+            return
+        state = self.state[p]
+        forget_compensation(state)
+        p.data = torch.empty(value.shape, dtype=p.dtype, device=p.device)
+        writer = rounding.writer(state, p.data, self.slot_of(p))
+        writer.store(p.data, value.float().clone(), None)
+        writer.close()
 
     def _substep(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], lr: float,
                  weight_decay: float) -> torch.Tensor:

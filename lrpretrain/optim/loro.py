@@ -21,19 +21,25 @@ and ``update``: the number of updates done, which the method plugin sets after e
 trainer's count (:meth:`LOROAdamW.set_update`), so the exact update falls on the trainer's schedule
 also after a skipped (non-finite) update. Everything is per parameter (``step_param``): under
 per-layer updates the second factor of a pair to arrive performs the pair's exact step (the first
-only updates its moments and marks itself), so the global and the per-layer step agree. The
+only updates its moments and marks itself), so the global and the per-layer step agree. Lazy and
+dense steps are element-wise (:meth:`~lrpretrain.optim.ParamwiseOptimizer.elementwise_step`: in pieces,
+under ``trainer.precision=pure_bf16`` on fp32 working copies rounded back by the run's rule); an exact
+step runs on fp32 copies of both factors (with their ``kahan`` errors added back) and rounds each new
+factor once by the rule, keyed by its own slot and update count. The
 optimizer-state refresh after an exact update and the LR restart belong to the plugin
 (lrpretrain/methods/loro.py).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from lrpretrain.optim import moments
-from lrpretrain.optim.base import ParamwiseOptimizer, adam_defaults
+from lrpretrain.optim.base import ElementwiseUpdate, ParamwiseOptimizer, adam_defaults
+from lrpretrain.optim.bf16 import Writer
 
 
 def qr_positive(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,26 +111,70 @@ class LOROAdamW(ParamwiseOptimizer):
             if group.get("loro"):
                 group["update"] = done
 
-    def step_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        direction = self._adam(p, group)  # f·N, with this update's gradient in the moments
-        lr, wd = group["lr"], group["weight_decay"]
-        update = group.get("update", 0)
-        exact = group.get("loro") and (update + 1) % group["exact_every"] == 0
-        if not exact:  # a plain Adam step; the factors' lazy one at lr·(r/d)
-            if wd:
-                p.mul_(1 - lr * wd)
-            scale = group["lazy_scale"] if group.get("loro") else 1.0
-            p.add_(direction.to(p.dtype), alpha=-lr * scale)
-            return
+    @staticmethod
+    def _exact(group: dict[str, Any]) -> bool:
+        """Whether this update is an exact (Riemannian) one for ``group``'s parameters."""
+        return bool(group.get("loro")) and (group.get("update", 0) + 1) % group["exact_every"] == 0
+
+    def elementwise(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        return not self._exact(group)  # Adam steps (lazy or dense) run in pieces, rounded piece by piece
+
+    def begin_elementwise(self, p: torch.Tensor, group: dict[str, Any]) -> ElementwiseUpdate:
+        """A plain Adam step (the factors' lazy one at lr·(r/d)) in the reference's arithmetic:
+        p <- p(1 - lr·λ), then p <- p - lr·s·f·m/(√v + eps)."""
         state = self.state[p]
-        state["exact_at"] = update
+        if not moments.has_moments(state):
+            moments.init_moments(state, p, group["state_bits"])
+        state["adam_step"] += 1
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        f = math.sqrt(1 - beta2 ** state["adam_step"]) / (1 - beta1 ** state["adam_step"])
+        alpha = -lr * (group["lazy_scale"] if group.get("loro") else 1.0)
+
+        def update(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> None:
+            if wd:
+                w.mul_(1 - lr * wd)
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            w.add_((m / (v.sqrt() + eps)).mul_(f), alpha=alpha)
+
+        return update
+
+    def step_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        if not self._exact(group):
+            self.elementwise_step(p, group)
+            return
+        self._adam(p, group)  # this update's gradient into the moments
+        update = group["update"]
+        self.state[p]["exact_at"] = update
         b, a = self._pair[id(p)]
         other = a if p is b else b
         if self.state[other].get("exact_at") != update:
             return  # the first factor of the pair: the second one moves both
-        new_b, new_a = riemannian_step(b, a, self._direction(b, group), self._direction(a, group), lr)
-        b.copy_(new_b.to(b.dtype))
-        a.copy_(new_a.to(a.dtype))
+        writers = {id(t): self._writer(t) for t in (b, a)}
+        B, A = (t if writers[id(t)] is None else writers[id(t)].load(t.data, None) for t in (b, a))
+        new_b, new_a = riemannian_step(B, A, self._direction(b, group), self._direction(a, group), group["lr"])
+        for t, new in ((b, new_b), (a, new_a)):
+            w = writers[id(t)]
+            if w is None:
+                t.copy_(new.to(t.dtype))
+            else:  # pure bf16: the new factor rounded by the run's rule (once per update and factor)
+                w.store(t.data, new, None)
+                w.close()
+
+    def update_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        """As every optimizer's, except an exact update, which rounds both factors of a pair itself (bf16
+        weights) when the second one arrives: the first only takes its gradient into its moments, so each
+        factor is rounded once per update with its own key, whichever factor arrives first (per-layer
+        updates equal the global step)."""
+        if self._exact(group):
+            self.step_param(p, group)
+        else:
+            super().update_param(p, group)
+
+    def _writer(self, p: torch.Tensor) -> Writer | None:
+        rounding = self._rounding(p)
+        return None if rounding is None else rounding.writer(self.state[p], p.data, self.slot_of(p))
 
     def _adam(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
         """Update ``p``'s moments with its gradient; returns the direction f·N."""
