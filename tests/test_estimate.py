@@ -93,6 +93,10 @@ MEASURED = [
     ["method=cola_m", "method.rank=32", "trainer.precision=bf16"],  # autocast's cached bf16 weight copies
     ["method=dlrt", "method.rank=16"],  # the peak is in the S-step's second forward (dense gradients held)
     ["method=loro", "method.rank=16", "trainer.per_layer_update=true"],
+    # pure bf16: DLRT's fp32 integrator beside bf16 factors; LORO measured at its exact step (update index 3)
+    ["method=dlrt", "method.rank=16", "trainer.precision=pure_bf16", "trainer.bf16_update=kahan"],
+    ["method=loro", "method.rank=16", "method.exact_every=4", "method.restart_warmup_steps=1",
+     "trainer.precision=pure_bf16"],
     # pure bf16: bf16 weights and gradients, fp32 working copies of the stepped weight (chunked steps)
     ["method=full", "trainer.precision=pure_bf16"],
     ["method=galore", "method.rank=32", "method.state_bits=8", "trainer.per_layer_update=true",

@@ -104,7 +104,7 @@ from lrpretrain.optim import AdamW, moments
 from lrpretrain.optim.bf16 import forget_compensation
 from lrpretrain.optim.clip import clip_coefficient, grad_norm
 from lrpretrain.optim.loro import qr_positive
-from lrpretrain.optim.memory import adamw_state_bytes, moment_pair_bytes
+from lrpretrain.optim.memory import adamw_state_bytes, moment_pair_bytes, svd_temp_bytes
 
 if TYPE_CHECKING:
     from lrpretrain.config import ModelConfig, OptimConfig
@@ -545,11 +545,38 @@ class DLRT(Method):
         r = self.cfg.bound
         ours = sum(r * (m + n) + r * r for m, n in shapes) * model_cfg.n_layers
         held = grad_bytes * (self.cost(model_cfg, T)["trainable_params"] - ours)
+        return saved, held + self._integrator_held(model_cfg)
+
+    def _integrator_held(self, model_cfg: ModelConfig) -> float:
+        """Bytes the integrator holds for every layer from its K-/L-steps to the truncation: Û, V̂, S̃ and its
+        gradient (fp32), and S's moments grown to the augmented size."""
+        r = self.cfg.bound
         moments_grow = 8.0 if self.cfg.kls_optimizer == "adam" else 0.0
-        for m, n in shapes:
+        held = 0.0
+        for m, n in target_shapes(model_cfg, list(self.cfg.targets)).values():
             cu, cv = self._augmented(m, n)
             held += model_cfg.n_layers * (4.0 * (m * cu + n * cv + 2 * cu * cv) + moments_grow * (cu * cv - r * r))
-        return saved, held
+        return held
+
+    def step_temp_bytes(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, precision: str) -> float:
+        """Beyond every gradient of the first pass (which ``estimate`` counts at the step): what the integrator
+        holds for all layers once their K- and L-steps are done (:meth:`_integrator_held`) less the K, L (and
+        S) gradients it has dropped by then, plus the costlier of the dense parameters' AdamW step (after the second
+        pass) and one K- or L-step of s x r (s in m, n): the step and Adam's direction with its
+        denominator (3sr), the QR of [U | step] while it runs (input, unsigned and signed Q: 3 x 2sr) and
+        the augmented basis (s·c); under pure bf16 the fp32 working copies of the factor and its gradient
+        (2sr); and the truncation's SVD of the largest core."""
+        r = self.cfg.bound
+        pure = precision == "pure_bf16"
+        per_step = max(4.0 * s * r * (3 + (2 if pure else 0)) + 4.0 * 3 * 2 * s * r + 4.0 * s * c
+                       for m, n in target_shapes(model_cfg, list(self.cfg.targets)).values()
+                       for s, c in zip((m, n), self._augmented(m, n)))
+        core = max(svd_temp_bytes(self._augmented(m, n))
+                   for m, n in target_shapes(model_cfg, list(self.cfg.targets)).values())
+        dense = super().step_temp_bytes(model_cfg, optim_cfg, precision)
+        shapes = list(target_shapes(model_cfg, list(self.cfg.targets)).values())
+        dropped = (2.0 if pure else 4.0) * model_cfg.n_layers * sum(r * (m + n) + r * r for m, n in shapes)
+        return max(self._integrator_held(model_cfg) - dropped, 0.0) + max(dense, per_step, core)
 
     def cost(self, model_cfg: ModelConfig, seq_len: int) -> dict[str, float]:
         """At the rank bound r: K, L, S trained (r(m + n) + r² per target), U and V buffers. FLOPs per token:

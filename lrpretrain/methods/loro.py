@@ -65,7 +65,7 @@ from lrpretrain.methods.toolkit import (
     target_shapes,
 )
 from lrpretrain.optim.loro import LOROAdamW
-from lrpretrain.optim.memory import moment_pair_bytes
+from lrpretrain.optim.memory import moment_pair_bytes, svd_temp_bytes
 
 if TYPE_CHECKING:
     from lrpretrain.config import ModelConfig, OptimConfig
@@ -173,6 +173,21 @@ class LORO(Method):
         sizes = [V * d] * (1 if model_cfg.tie_embeddings else 2) + [d] * (2 * L + 1)
         sizes += [r * x for m, n in target_shapes(model_cfg, list(self.cfg.targets)).values() for x in (m, n)] * L
         return sum(moment_pair_bytes(s, optim_cfg.state_bits) for s in sizes)
+
+    def step_temp_bytes(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, precision: str) -> float:
+        """The costlier of an Adam step of the largest tensor (lazy and dense steps are element-wise, in
+        pieces) and the exact Riemannian step of the largest factor pair (m x r, r x n), whose fp32
+        temporaries are, per side s in (m, n): both Adam directions (and, computing each, √v + eps: 2 x sr),
+        Q and Z (2sr), the augmented basis [Q, Q̄] (2sr), the QR of [Q | Z] while it runs (its input and
+        unsigned Q, 4sr), the new factor (sr); the 2r x 2r core's SVD; under pure bf16 the fp32 working
+        copies of both factors (sr each)."""
+        dense = super().step_temp_bytes(model_cfg, optim_cfg, precision)
+        r = self.cfg.rank
+        pure = precision == "pure_bf16"
+        exact = max(4.0 * r * (m + n) * (2 + 2 + 2 + 1 + (1 if pure else 0)) + 4.0 * 2 * r * max(m, n) * 2
+                    + 4.0 * r * max(m, n) + svd_temp_bytes((2 * r, 2 * r))
+                    for m, n in target_shapes(model_cfg, list(self.cfg.targets)).values())
+        return max(dense, exact)
 
     def cost(self, model_cfg: ModelConfig, seq_len: int) -> dict[str, float]:
         """As the low-rank baseline: r(m + n) parameters per target, 6r(m + n) FLOPs per token (the exact
