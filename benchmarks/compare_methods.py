@@ -8,7 +8,9 @@
 Every method runs through the real CLI (in this process, one after another) on ``--model`` with the
 same overrides: seed, data order, batch, sequence length, steps, LR schedule, validation tokens.
 ``--rank R`` sets ``method.rank=R`` for every method whose config has a rank; ``--set
-METHOD:KEY=VALUE`` adds an override for one method only. For each method the table gives the final
+METHOD:KEY=VALUE`` adds an override for one method only; ``--methods ROW=METHOD`` runs a method a
+second time under another row name (its own ``--set ROW:...``, e.g. a warm start from an earlier row's
+checkpoint kept with ``--keep``). For each method the table gives the final
 validation perplexity, the trainable and total parameters (counted on the built model), the median
 step time and tokens/s over the updates after ``--skip`` warm-up updates, and the analytic training
 FLOPs per token of the method's ``cost()``, and the bytes of the weights (parameters and buffers:
@@ -54,10 +56,10 @@ def count_parameters(overrides: list[str]) -> dict[str, int]:
     cfg, _ = load_config(overrides)
     torch.manual_seed(cfg.seed)
     plugin = get_method(cfg.method.name)(cfg.method, cfg.model)
-    counts = parameter_counts(plugin.prepare_model(build_model(cfg.model)))
+    model = plugin.prepare_model(build_model(cfg.model))
+    counts = parameter_counts(model)
     cost = plugin.cost(cfg.model, cfg.data.seq_len)
-    return {"params": counts["total"], "trainable_params": counts["trainable"],
-            "flops_per_token": cost["flops_per_token"]}
+    return {"params": counts["total"], "trainable_params": counts["trainable"], "flops_per_token": cost["flops_per_token"]}
 
 
 def method_overrides(method: str, rank: int | None, extra: dict[str, list[str]]) -> list[str]:
@@ -151,7 +153,8 @@ def markdown(result: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--name", required=True, help="results file name (benchmarks/results/<name>.json/.md)")
-    ap.add_argument("--methods", nargs="+", default=["full", "lowrank", "lora", "relora", "periodic_lora", "sltrain"])
+    ap.add_argument("--methods", nargs="+", default=["full", "lowrank", "lora", "relora", "periodic_lora", "sltrain"],
+                    help="methods in order; ROW=METHOD runs METHOD under the row name ROW")
     ap.add_argument("--model", default="llama_small")
     ap.add_argument("--steps", type=int, default=100, help="optimizer updates per method")
     ap.add_argument("--tokens", type=int, default=None, help="token budget per method (sets --steps)")
@@ -183,10 +186,12 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
-        for method in args.methods:
-            overrides = [*common, *method_overrides(method, args.rank, extra)]
-            print(f"== {method}: {' '.join(overrides)}", file=sys.stderr, flush=True)
-            row = run_one(method, overrides, root / method, args.skip)
+        for item in args.methods:
+            row_name, _, method = item.partition("=")
+            method = method or row_name
+            overrides = [*common, *method_overrides(method, args.rank, {}), *extra.get(row_name, [])]
+            print(f"== {row_name}: {' '.join(overrides)}", file=sys.stderr, flush=True)
+            row = run_one(row_name, overrides, root / row_name, args.skip)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "overrides"}), file=sys.stderr, flush=True)
     result = {

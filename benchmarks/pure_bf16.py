@@ -37,13 +37,15 @@ RESULTS = Path(__file__).parent / "results"
 MIB, GB = 2**20, 1e9
 
 WIDTH_7B = ["model=llama_7b", "model.n_layers=2", "data=embedded", "data.seq_len=256", "trainer.micro_batch_size=1",
-            "trainer.batch_size=1", "trainer.precision=pure_bf16", "trainer.threads=2"]
+            "trainer.batch_size=1", "trainer.precision=pure_bf16", "trainer.threads=1"]  # 2: OpenMP stalls under load
 MEASURE = {
     "full": ["experiment=full_c4_7b", *WIDTH_7B],
+    # update_proj_gap=2: the measured update (bench's third) refreshes the bases, GaLore's costliest step,
+    # which the estimate takes as the peak
     "galore_8bit_per_layer": ["experiment=galore_c4_7b", *WIDTH_7B, "method.state_bits=8",
-                              "trainer.per_layer_update=true"],
+                              "trainer.per_layer_update=true", "method.update_proj_gap=2"],
 }
-TINY = ["model=llama_tiny", "data.seq_len=128", "trainer.threads=2", "trainer.eval_at_start=false",
+TINY = ["model=llama_tiny", "data.seq_len=128", "trainer.threads=1", "trainer.eval_at_start=false",
         "trainer.ckpt_every=0", "logging.progress=none", "optim.lr=0.003", "optim.warmup_steps=30",
         "data.val_tokens=65536", "seed=0"]
 
@@ -55,13 +57,16 @@ def machine() -> dict:
     return base_machine()
 
 
-def measure(names: list[str], table: dict[str, list[str]] | None = None) -> dict:
+def measure(names: list[str], table: dict[str, list[str]] | None = None, command: str | None = None) -> dict:
     """One ``lrpretrain bench`` update per name (overrides from ``table``, default :data:`MEASURE`):
-    measured memory beside the estimate (benchmarks/quantized.py measures its rows with it too)."""
+    measured memory beside the estimate (benchmarks/quantized.py measures its rows with it too). With
+    ``command`` (this script's own rows) each run is written as soon as it finishes, beside the runs an
+    earlier command measured: a 7B-width GaLore update takes most of an hour here (one-thread SVDs)."""
     from lrpretrain.bench import bench
 
     table = MEASURE if table is None else table
-    out = {}
+    old = RESULTS / "pure_bf16_measure_cpu.json"
+    out = json.loads(old.read_text())["runs"] if command and old.exists() else {}
     for name in names:
         load0 = os.getloadavg()
         t0 = time.perf_counter()
@@ -74,6 +79,8 @@ def measure(names: list[str], table: dict[str, list[str]] | None = None) -> dict
                      "estimate": e, "peak_ratio": r["peak_bytes"] / e["peak"]}
         print(f"{name}: measured peak {r['peak_bytes'] / MIB:,.0f} MiB, estimate {e['peak'] / MIB:,.0f} MiB "
               f"({100 * (r['peak_bytes'] / e['peak'] - 1):+.1f}%)", flush=True)
+        if command:
+            write("measure", {"runs": out}, command)
     return out
 
 
@@ -161,8 +168,9 @@ def main() -> None:
     args = ap.parse_args()
     command = "python benchmarks/pure_bf16.py " + " ".join(sys.argv[1:])
     if args.what == "measure":
-        data = measure(args.runs)
-    elif args.what == "quality":
+        measure(args.runs, command=command)
+        return
+    if args.what == "quality":
         data = quality(args.steps)
     else:
         data = accum(args.steps)

@@ -55,8 +55,9 @@ ESTIMATES = [
       *ONE], 24.0),
 ]
 
-WIDTH_7B = ["model=llama_7b", "model.n_layers=2", "data=embedded", "data.seq_len=256", "trainer.micro_batch_size=1",
-            "trainer.batch_size=1", "trainer.precision=pure_bf16", "trainer.threads=2"]
+sys.path.insert(0, str(Path(__file__).parent))
+from pure_bf16 import WIDTH_7B, measure  # noqa: E402  (same directory: the 7B-width shapes, one bench update a row)
+
 MEASURE = {
     # update steps 0, 2, 5, ...: bench's measured update (index 2) takes W's full gradient and merges
     "loqt_nf4_8bit_per_layer": ["experiment=loqt_c4_7b", *WIDTH_7B, "trainer.per_layer_update=true",
@@ -97,9 +98,6 @@ def run_estimates() -> dict:
 
 
 def run_measure(names: list[str]) -> dict:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from pure_bf16 import measure  # same directory: one bench update per row, beside its estimate
-
     return measure(names, MEASURE)
 
 

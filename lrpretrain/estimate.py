@@ -12,8 +12,8 @@ Three precisions (``trainer.precision``): ``fp32``; ``bf16`` (autocast over fp32
 ``pure_bf16`` (bf16 weights, gradients and activations, no fp32 copy; :mod:`lrpretrain.optim.bf16`).
 
 - **weights**: parameters, fp32 (also under bf16 autocast) or bf16 (pure bf16), + buffers (RoPE
-  tables, fp32 in every mode; SLTrain's support indices) + a method's own tensors (SwitchLoRA's
-  candidate pools);
+  tables, fp32 in every mode; SLTrain's support indices; LR-QAT's int8 codes of the frozen weights) + a
+  method's own tensors (SwitchLoRA's candidate pools);
 - **optimizer states**: the plugin's analytic bytes (Adam moments, fp32 or blockwise 8-bit, GaLore's
   stored bases in ``method.basis_dtype``, ...), plus the bf16 compensation buffers of
   ``trainer.bf16_update=kahan``;
@@ -30,12 +30,15 @@ Three precisions (``trainer.precision``): ``fp32``; ``bf16`` (autocast over fp32
   backward of its costliest update (``backward_temp_bytes``: LoQT's full gradient of a quantized
   weight with its SVD at an update step).
 
-Peak = weights + optimizer states + the largest of three moments of an update:
+Peak = weights + optimizer states + the largest of these moments of an update:
   end of forward:      activations + loss transients (+ gradients of earlier micro-batches)
   start of backward:   activations + logits gradient + the LM head's gradient; with per-layer updates
                        the LM head's step instead (its gradient and the step's temporaries); + the
                        method's own backward work
   optimizer step:      every gradient + the step's temporaries (global step only)
+  module backward:     for a method whose modules hold temporaries of their own (a weight rebuilt from
+                       quantized codes, ``module_temp_bytes``): activations + the LM head's gradient
+                       (global step) + those temporaries
   second forward/backward (a method whose optimizer evaluates the loss again inside its step, DLRT):
                        that pass's activations and transients + what the method holds through it
                        (:meth:`~lrpretrain.methods.Method.second_pass_bytes`)
@@ -87,7 +90,8 @@ class Estimate:
     activations: float  # saved for the backward of one micro-batch (incl. autocast's weight copies)
     transients: float  # beside the rest at the peak moment (logits copies, optimizer temporaries)
     peak: float
-    peak_at: str  # end of forward | start of backward | optimizer step | second forward | second backward
+    peak_at: str  # end of forward | start of backward | optimizer step | module backward | second forward
+    # | second backward
     budget: float | None = None
     quantized_params: float = 0.0  # weights stored quantized in buffers (LoQT, Q-GaLore), not in ``params``
 
@@ -142,11 +146,12 @@ def estimate(cfg: Config, budget: float | None = None, precision: str | None = N
     per_token = layers + outside_layers_bytes(mc, T, precision)
     saved = tokens * per_token
     embeddings = mc.vocab_size * mc.dim * (1 if mc.tie_embeddings else 2)
-    cast = autocast_weight_bytes(params - embeddings + mc.vocab_size * mc.dim) if precision == "bf16" else 0.0
+    cast_params = cost.get("autocast_params", params - embeddings + mc.vocab_size * mc.dim)
+    cast = autocast_weight_bytes(cast_params) if precision == "bf16" else 0.0
     activations = saved + cast
     fwd_t, bwd_t = (tokens * x for x in loss_transient_bytes(mc, T, precision))
     earlier = all_grads if accum > 1 else 0.0  # gradients of the earlier micro-batches, held meanwhile
-    head_grad = wb * mc.vocab_size * mc.dim
+    head_grad = wb * cost.get("head_grad_params", mc.vocab_size * mc.dim)  # 0 when a method freezes the head
     # the costliest single-parameter step: the optimizer's temporaries (under pure bf16 with the fp32
     # working copies of the weight and its gradient that the step runs on, lrpretrain/optim/bf16.py)
     step_temp = float(plugin.step_temp_bytes(mc, cfg.optim, precision))
@@ -160,6 +165,10 @@ def estimate(cfg: Config, budget: float | None = None, precision: str | None = N
     else:
         moments["start of backward"] = activations + bwd_t + max(earlier, head_grad) + method_temp
         moments["optimizer step"] = all_grads + step_temp
+    module_temp = float(plugin.module_temp_bytes(mc, precision))
+    if module_temp:  # a module's backward (a weight rebuilt from codes) beside the activations and the head's gradient
+        moments["module backward"] = activations - log_softmax + max(earlier, 0.0 if in_backward else head_grad) \
+            + module_temp
     second = plugin.second_pass_bytes(mc, T, t.recompute, t.recompute_every, precision, wb)
     if second is not None:  # a second forward and backward inside the optimizer's step (DLRT's S-step)
         saved2, held = tokens * second[0] + cast, second[1]
@@ -169,7 +178,9 @@ def estimate(cfg: Config, budget: float | None = None, precision: str | None = N
     static = weights + states
     peak = static + moments[peak_at]
     gradients_at_peak = {"end of forward": earlier, "start of backward": max(earlier, head_grad),
-                         "optimizer step": all_grads}.get(peak_at, second[1] if second else 0.0)
+                         "optimizer step": all_grads,
+                         "module backward": max(earlier, 0.0 if in_backward else head_grad)}.get(
+                             peak_at, second[1] if second else 0.0)
     transients = moments[peak_at] - gradients_at_peak - (activations if peak_at != "optimizer step" else 0.0)
     transients = max(transients, 0.0)
     return Estimate(model=mc.name, method=cfg.method.name, micro_batch_size=B, seq_len=T, accumulation=accum,

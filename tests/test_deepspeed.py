@@ -62,7 +62,7 @@ def test_refused_combinations_fail_at_config_time_with_one_line(cli, tmp_path, e
     assert not run.exists()
 
 
-@pytest.mark.parametrize("method", ["full", "lowrank", "lora", "sltrain", "lost", "cola", "cola_m", "crnet"])
+@pytest.mark.parametrize("method", ["full", "lowrank", "lora", "sltrain", "lost", "cola", "cola_m", "crnet", "lr_qat"])
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_methods_without_periodic_edits_are_accepted(method, stage):
     cfg, _ = load_config([*DS, f"method={method}", f"distributed.zero_stage={stage}"], world_size=2)
@@ -97,7 +97,8 @@ METHODS = {"lowrank": (1, ["method.rank=16", "method.lora_dropout=0"]),
            "sltrain": (3, ["method.rank=16"]),
            "lost": (3, ["method.rank=16", "method.sparsity=0.1"]),  # its int64 channel buffer beside partitions
            "cola_m": (3, ["method.rank=16", "trainer.recompute=method"]),  # its recomputation under ZeRO-3
-           "crnet": (3, ["method.rank=16"])}  # its 1-element gates β partitioned too
+           "crnet": (3, ["method.rank=16"]),  # its 1-element gates β partitioned too
+           "lr_qat": (3, ["method.rank=16"])}  # int8 codes (buffers) beside partitioned factors; the scales' own LR group
 LORA_RESUME = ["method=lora", "method.rank=16", "distributed.zero_stage=3"]  # dropout on: per-rank RNGs resume
 
 

@@ -27,6 +27,7 @@ HERE = Path(__file__).resolve().parent
 COMMON = [*TINY, "trainer.threads=1", "trainer.max_steps=4", "trainer.ckpt_every=2", "logging.progress=none"]
 GALORE = ["method=galore", "method.rank=8", "method.update_proj_gap=2"]
 CRNET = ["method=crnet", "method.rank=8"]
+LR_QAT = ["method=lr_qat", "method.rank=8", "optim.lr=0.01"]
 RELORA = ["method=relora", "method.rank=8", "method.lora_dropout=0", "method.merge_every=2",
           "method.restart_warmup_steps=0"]
 LORO = ["method=loro", "method.rank=8", "method.exact_every=2", "method.restart_warmup_steps=1"]  # exact at 2, 4
@@ -66,6 +67,8 @@ def runs(tmp_path_factory, corpus) -> Path:
     jobs = [
         {"name": "init_fsdp2", "init": ["model=llama_tiny", "trainer.micro_batch_size=2", "distributed=fsdp2", "method=lowrank", "method.rank=8"]},
         {"name": "init_fsdp2_full", "init": ["model=llama_tiny", "trainer.micro_batch_size=2", "distributed=fsdp2"]},
+        {"name": "init_fsdp2_lr_qat", "init": ["model=llama_tiny", "trainer.micro_batch_size=2", "distributed=fsdp2",
+                                              *LR_QAT]},
         job("ddp", "distributed=ddp"),
         job("ddp_pl", "distributed=ddp", *PER_LAYER),
         job("fsdp2", "distributed=fsdp2", "method=test_kill"),
@@ -88,6 +91,9 @@ def runs(tmp_path_factory, corpus) -> Path:
         job("fsdp2_lost", "distributed=fsdp2", *LOST),
         job("fsdp2_gradnorm", "distributed=fsdp2", *GRADNORM),
         job("ddp_gradnorm", "distributed=ddp", *GRADNORM),
+        # LR-QAT: int8 codes (replicated buffers) beside sharded factors and scales; per-layer updates
+        job("fsdp2_lr_qat_pl", "distributed=fsdp2", *LR_QAT, *PER_LAYER),
+        job("ddp_lr_qat", "distributed=ddp", *LR_QAT),
         {**job("signal", "distributed=fsdp2", "method=test_kill"),
          "env": {"LRP_TEST_SIGNAL_AT": "3", "LRP_TEST_SIGNAL_RANK": "1"}},
     ]
@@ -103,8 +109,8 @@ def single(tmp_path_factory, corpus) -> Path:
 
     root = tmp_path_factory.mktemp("single")
     for name, args in {"full": [], "galore": GALORE, "relora": RELORA, "crnet": CRNET, "loro": LORO,
-                       "loro_pure": [*LORO, *PURE], "lost": LOST,
-                       "gradnorm": GRADNORM, "pure": PURE, "pure_kahan": [*PURE, "trainer.bf16_update=kahan"]}.items():
+                       "loro_pure": [*LORO, *PURE], "lost": LOST, "gradnorm": GRADNORM, "pure": PURE, "lr_qat": LR_QAT,
+                       "pure_kahan": [*PURE, "trainer.bf16_update=kahan"]}.items():
         assert main(["train", *COMMON, f"run.dir={root / name}", *args]) == 0
     return root
 
@@ -155,6 +161,15 @@ def test_loro_under_ddp(runs, single):
     # pure bf16: each factor rounded once per update by its own key on every replica (bf16 gradient sums
     # differ from one process's in order only: the pure-bf16 tolerance)
     assert close(losses(runs / "ddp_loro_pure_pl"), losses(single / "loro_pure"), 2e-3)
+
+
+def test_lr_qat_under_fsdp2_and_ddp(runs, single):
+    """The int8 codes equal one process's after FSDP2's meta-device build (rank 0's broadcast buffers);
+    losses follow one process under FSDP2 with per-layer updates and under DDP."""
+    assert results(runs / "launch", 0)["init_fsdp2_lr_qat"]["init_max_diff"] == 0.0
+    ref = losses(single / "lr_qat")
+    assert close(losses(runs / "fsdp2_lr_qat_pl"), ref)
+    assert close(losses(runs / "ddp_lr_qat"), ref)
 
 
 def test_pure_bf16_under_fsdp2_and_ddp(runs, single):

@@ -18,9 +18,9 @@ from lrpretrain.train.recompute import apply_recompute
 
 BUILTIN = ["full", "galore", "galore_dct", "fira", "apollo", "apollo_mini", "frugal", "lowrank", "lora", "relora",
            "periodic_lora", "sltrain", "switchlora", "sst", "cola", "cola_m", "crnet", "lost", "gradnorm_lorp", "loqt",
-           "q_galore", "dlrt", "loro"]
+           "q_galore", "lr_qat", "dlrt", "loro"]
 HAS_RANK = {"lowrank", "lora", "relora", "periodic_lora", "sltrain", "switchlora", "sst", "cola", "cola_m", "crnet",
-            "lost", "q_galore", "dlrt", "loro"}
+            "lost", "q_galore", "lr_qat", "dlrt", "loro"}
 SMALL = ["model=llama_tiny", "data.seq_len=64", "trainer.batch_size=2", "trainer.micro_batch_size=2",
          "trainer.threads=1"]
 
@@ -110,6 +110,9 @@ MEASURED = [
     ["method=q_galore", "method.rank=32", "method.update_proj_gap=3"],
     ["method=q_galore", "method.rank=32", "method.update_proj_gap=3", "trainer.per_layer_update=true",
      "trainer.precision=pure_bf16"],
+    # int8 codes in the weights, the rebuilt weight's temporaries in the backward (module_temp_bytes)
+    ["method=lr_qat", "method.rank=16", "method.train_rest=false"],
+    ["method=lr_qat", "method.rank=16", "trainer.precision=pure_bf16", "trainer.per_layer_update=true"],
 ]
 
 

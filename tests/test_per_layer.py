@@ -82,6 +82,7 @@ METHODS = {
     "loqt": ["method=loqt", "method.rank=8", "method.update_proj_gap=2", "method.compensation_iterations=2",
              "method.reset_optimizer=true"],
     "q_galore": ["method=q_galore", "method.rank=8", "method.update_proj_gap=2"],
+    "lr_qat": ["method=lr_qat", "method.rank=8"],  # A, B and the scales' own group (its own LR)
 }
 
 

@@ -237,8 +237,8 @@ def test_resume_is_exact_with_each_rounding_rule(cli, tmp_path, rule, monkeypatc
 
 
 @pytest.mark.parametrize("args", [
-    # ranks shrink by one at most updates (ϑ = 0.4 on a nearly flat spectrum of 8): the stop falls between rank changes, with Kahan buffers shaped
-    # like the factors of the moment
+    # ranks shrink by one at most updates (ϑ = 0.4 on a nearly flat spectrum of 8): the stop falls between
+    # rank changes, with Kahan buffers shaped like the factors of the moment
     ["method=dlrt", "method.rank=8", "method.tol=0.4", "trainer.bf16_update=kahan"],
     # the exact Riemannian step at update 3, after the stop: both factors rounded stochastically
     ["method=loro", "method.rank=8", "method.exact_every=3", "method.restart_warmup_steps=1"],

@@ -1,6 +1,7 @@
-"""lowrank, lora, relora, periodic_lora, sltrain, lost, gradnorm_lorp, loro and dlrt through the real CLI: they
-learn, resume bit for bit from a stop between merges (GradNormLoRP: between subspace refreshes; LORO: exact
-steps; DLRT: rank changes), reject bad values with one line, and ReLoRA's warm start and first update."""
+"""lowrank, lora, relora, periodic_lora, sltrain, lost, gradnorm_lorp, lr_qat, loro and dlrt through the real
+CLI: they learn, resume bit for bit from a stop between merges (GradNormLoRP: between subspace refreshes;
+LORO: exact steps; DLRT: rank changes), reject bad values with one line, and ReLoRA's warm start and first
+update."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ CASES = {
     "lost": ("lost", ["method.rank=16", "method.sparsity=0.1"]),
     # subspace refreshes at updates 0, 4, 8: the stop after 6 is mid-cycle
     "gradnorm_lorp": ("gradnorm_lorp", ["method.rank=16", "method.update_proj_gap=4"]),
+    "lr_qat": ("lr_qat", ["method.rank=16"]),  # no merges: the resume lands between ordinary updates
     # exact Riemannian steps (with the state refresh and the LR restart) at updates 4 and 8
     "loro": ("loro", ["method.rank=16", "method.exact_every=4", "method.restart_warmup_steps=2"]),
     # ranks shrink by one most updates from 16 (ϑ = 0.3 on a nearly flat spectrum): the stop at 6 falls

@@ -205,8 +205,11 @@ class Method:
         the RoPE tables), ``method_state_bytes`` (tensors the plugin holds outside the model and the
         optimizer), ``largest_trainable`` (entries of the largest trainable tensor; default: the
         embedding's), ``quantized_params`` (weights stored quantized in buffers, not as parameters:
-        shown beside ``params``), ``kahan_params`` (trained entries that get a bf16 compensation buffer
-        under ``trainer.bf16_update=kahan``; default: ``trainable_params``).
+        not in ``params``, shown beside it; their bytes are in ``buffer_bytes``), ``kahan_params``
+        (trained entries that get a bf16 compensation buffer under ``trainer.bf16_update=kahan``;
+        default: ``trainable_params``), ``autocast_params`` (entries of the weights that bf16 autocast
+        casts and keeps a bf16 copy of; default: every parameter but the embedding's),
+        ``head_grad_params`` (entries of the LM head's gradient; default V·d, 0 for a frozen head).
         """
         n = param_count(model_cfg)
         return {"params": float(n), "trainable_params": float(n), "flops_per_token": flops_per_token(model_cfg, seq_len)}
@@ -236,6 +239,12 @@ class Method:
         step; a dequantized weight for the input gradient). ``tokens``: one micro-batch's;
         ``accumulation``: micro-batches per update; ``recompute``: ``trainer.recompute``, blocks 0, k,
         2k, ... checkpointed (k = ``recompute_every``). Default: nothing."""
+        return 0.0
+
+    def module_temp_bytes(self, model_cfg: ModelConfig, precision: str) -> float:
+        """Bytes of the temporaries one of the method's modules holds while its forward or backward runs
+        (a weight rebuilt from quantized codes), beside nearly every activation (for ``lrpretrain
+        estimate``). Default: none beyond a plain matmul's."""
         return 0.0
 
     def activation_bytes(self, model_cfg: ModelConfig, recompute: str, recompute_every: int, precision: str) -> float:

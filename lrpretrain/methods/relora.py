@@ -74,24 +74,25 @@ class ReLoRAConfig(LoRAConfig):
             check_warm_start_fits(self.warm_start, model_cfg)
 
 
-def warm_start_file(path: str) -> Path:
-    """``model.safetensors`` of a checkpoint directory, or of a run directory's latest checkpoint."""
+def warm_start_file(path: str, key: str = "method.warm_start") -> Path:
+    """``model.safetensors`` of a checkpoint directory, or of a run directory's latest checkpoint (``key``:
+    the config key that names it, for the error)."""
     p = Path(path)
     if (p / "model.safetensors").is_file():
         return p / "model.safetensors"
     latest = p / "checkpoints" / "latest"
     if latest.is_file() and (p / "checkpoints" / latest.read_text().strip() / "model.safetensors").is_file():
         return p / "checkpoints" / latest.read_text().strip() / "model.safetensors"
-    raise ConfigError(f"method.warm_start={path} is invalid: expected a checkpoint directory holding "
+    raise ConfigError(f"{key}={path} is invalid: expected a checkpoint directory holding "
                       "model.safetensors (.../checkpoints/step_N) or a run directory with checkpoints/latest")
 
 
-def check_warm_start_fits(path: str, model_cfg: ModelConfig) -> None:
+def check_warm_start_fits(path: str, model_cfg: ModelConfig, key: str = "method.warm_start") -> None:
     """The checkpoint must hold exactly the dense model's tensors, with their shapes (headers only)."""
     from safetensors import safe_open
 
     expected = {k: tuple(v.shape) for k, v in build_model(model_cfg, materialize=False).state_dict().items()}
-    file = warm_start_file(path)
+    file = warm_start_file(path, key)
     with safe_open(str(file), framework="pt") as f:
         found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     problem = next((f"it lacks {k}" for k in expected if k not in found), None)
@@ -100,8 +101,20 @@ def check_warm_start_fits(path: str, model_cfg: ModelConfig) -> None:
     problem = problem or next((f"{k} has shape {found[k]}, the model needs {expected[k]}" for k in expected
                                if found[k] != expected[k]), None)
     if problem:
-        raise ConfigError(f"method.warm_start={path} does not fit model={model_cfg.name}: {problem} "
+        raise ConfigError(f"{key}={path} does not fit model={model_cfg.name}: {problem} "
                           f"({file}); a warm start needs a full-rank checkpoint of the same model")
+
+
+def load_warm_start(model: nn.Module, path: str) -> None:
+    """Load a full-rank checkpoint's weights into the dense ``model`` (before any surgery; its fit is
+    checked at config time). On the meta device (FSDP2's shapes-only build) nothing is loaded: the
+    values come from the build that rank 0 broadcasts."""
+    from safetensors.torch import load_file
+
+    device = next(model.parameters()).device
+    if device.type == "meta":
+        return
+    model.load_state_dict(load_file(str(warm_start_file(path)), device=str(device)), strict=True)
 
 
 @register_method("relora")
@@ -119,10 +132,7 @@ class ReLoRA(LoRAWithRestarts):
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         if self.cfg.warm_start is not None:
-            from safetensors.torch import load_file
-
-            state = load_file(str(warm_start_file(self.cfg.warm_start)), device=str(next(model.parameters()).device))
-            model.load_state_dict(state, strict=True)  # fit checked at config time
+            load_warm_start(model, self.cfg.warm_start)
         return super().prepare_model(model)
 
     @torch.no_grad()
