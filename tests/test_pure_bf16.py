@@ -259,6 +259,8 @@ def test_resume_is_exact_across_rank_changes_and_exact_steps(cli, tmp_path, args
     for pid, s in sa.items():
         for k, v in s.items():
             assert torch.equal(v, sb[pid][k]) if isinstance(v, torch.Tensor) else v == sb[pid][k]
+    if "method=loro" in args:  # the refresh after update 3 restarted the moments, not the rounding's count
+        assert all(s["adam_step"] == 1 and s["bf16_updates"] == 4 for s in sa.values())
 
 
 @pytest.mark.parametrize("args", [

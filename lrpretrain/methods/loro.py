@@ -22,6 +22,8 @@ Choices where the paper is silent, taken from the reference code unless said oth
   writes the raw gradients). No weight decay in the exact step; the lazy step decays at the unscaled LR.
 - The refresh after an exact step (``method.refresh``): ``all`` states, the embeddings', head's and
   norms' included (the reference's ``--loro_refresh all``), ``lowrank`` (factors only) or ``none``.
+  Under ``trainer.precision=pure_bf16`` the refresh forgets the moments only: the stochastic rounding's
+  update counts go on (no rounding bits drawn twice) and the Kahan buffers stay with their weights.
 - The LR: the base schedule (``optim.*``: warmup, cosine to ``min_lr_ratio``) times a restart ramp:
   at update kK (0-based, k >= 1) the factor is 0, then rises linearly to 1 over
   ``restart_warmup_steps`` (5, the reference's ``--cosine_restart_warmup`` default). Differences
@@ -158,7 +160,7 @@ class LORO(Method):
         if self.cfg.refresh != "none":
             params = self.factors() if self.cfg.refresh == "lowrank" else \
                 [p for g in opt.param_groups for p in g["params"]]
-            restart_optimizer_state(opt, params)
+            restart_optimizer_state(opt, params, keep_rounding=True)  # pure bf16: the rounding goes on
         ctx.log({"loro_exact_steps": ctx.step // self.cfg.exact_every})
 
     # -- accounting ---------------------------------------------------------------------------

@@ -355,7 +355,25 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[tor
     return zeroed, seen
 
 
-def restart_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> int:
+ROUNDING_STATE = ("bf16_updates", "bf16_comp")  # trainer.precision=pure_bf16's entries (lrpretrain/optim/bf16.py)
+
+
+def restart_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor],
+                            keep_rounding: bool = False) -> int:
     """Forget the optimizer's whole state of ``params`` (moments and step counter): the next update
-    starts them as new parameters, bias correction included. Returns how many had state."""
-    return sum(optimizer.state.pop(p, None) is not None for p in params)
+    starts them as new parameters, bias correction included. Returns how many had state.
+
+    ``keep_rounding``: keep the pure-bf16 rounding entries (the stochastic rounding's update count, so no
+    rounding bits are drawn twice, and the Kahan buffer, which belongs to the weight, not to the
+    moments); only for an optimizer that initialises a state by its moments' absence (LOROAdamW), not
+    by an empty state (AdamW)."""
+    n = 0
+    for p in params:
+        state = optimizer.state.pop(p, None)
+        if state is None:
+            continue
+        n += 1
+        kept = {k: state[k] for k in ROUNDING_STATE if keep_rounding and k in state}
+        if kept:
+            optimizer.state[p] = kept
+    return n
