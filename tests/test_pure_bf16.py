@@ -20,6 +20,7 @@ import lrpretrain.train
 from lrpretrain.optim import AdamW, GaLoreAdamW
 from lrpretrain.optim import base as optim_base
 from lrpretrain.optim.bf16 import Bf16Update, rounding_bits, stochastic_round
+from lrpretrain.optim.loro import LOROAdamW
 from lrpretrain.optim.projector import SVDBasis
 from lrpretrain.train import build_trainer, load_config
 
@@ -129,7 +130,7 @@ def _step_twice(make_opt, weights: list[torch.Tensor], grads: list[torch.Tensor]
     return params, opt
 
 
-@pytest.mark.parametrize("case", ["adamw", "adamw_8bit", "galore_dense", "pure_stochastic", "pure_kahan"])
+@pytest.mark.parametrize("case", ["adamw", "adamw_8bit", "galore_dense", "loro_8bit", "pure_stochastic", "pure_kahan"])
 def test_chunked_elementwise_step_equals_the_whole_tensor_step(monkeypatch, case):
     g = torch.Generator().manual_seed(0)
     dtype = torch.bfloat16 if case.startswith("pure") else torch.float32
@@ -138,6 +139,8 @@ def test_chunked_elementwise_step_equals_the_whole_tensor_step(monkeypatch, case
     rule = case.split("_")[1] if case.startswith("pure") else None
     if case == "galore_dense":  # GaLore's plain-Adam groups (embeddings, norms): SubspaceAdam's own form
         make = lambda ps: GaLoreAdamW([{"params": ps}], SVDBasis())  # noqa: E731
+    elif case == "loro_8bit":  # LOROAdamW's Adam (the reference's arithmetic) for its non-factor parameters
+        make = lambda ps: LOROAdamW(ps, lr=1e-2, weight_decay=0.1, state_bits=8)  # noqa: E731
     else:
         make = lambda ps: AdamW(ps, lr=1e-2, weight_decay=0.1, state_bits=8 if case == "adamw_8bit" else 32)  # noqa: E731
     whole, opt_whole = _step_twice(make, weights, grads, rule)
