@@ -17,7 +17,7 @@ DEMO_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev,slurm,eval]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev,slurm,eval,kernels]"
 	$(BIN)/python -m lrpretrain.distributed.deepspeed  # build DeepSpeed's JIT op now (cached)
 	touch $(STAMP)
 

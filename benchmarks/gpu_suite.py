@@ -38,6 +38,11 @@ The deadline (default 450 s, so that the suite with the wrapper's install ends w
 The rows are ordered by value for the time they take: the device, full rank by size, the methods
 against full rank, GaLore's refresh, the data stream, recomputation / per-layer updates, and
 ``torch.compile`` (the largest, least certain single cost) last. See :data:`ROWS` for the budget.
+Rows with ``Row.default`` false run only when ``--rows`` names them: the ``kernels`` group (each fused
+kernel of lrpretrain/kernels against its PyTorch reference at llama_1b shapes, through
+benchmarks/kernel_bench.py, and full, sltrain and cola end to end at llama_1b with ``trainer.kernels``
+torch and triton), whose ~135 s do not fit the default deadline beside the rest:
+``--rows device,kernels``, a second run of its own.
 
 "The largest micro-batch that fits": a row with candidates (``Row.fit``) tries them largest first,
 each in its own child, which first computes the analytic estimate (:mod:`lrpretrain.estimate`) and
@@ -54,7 +59,9 @@ update; memory measured on a few rows) on the CPU, so that the whole suite runs 
 (tests/test_gpu_suite.py runs all of it). MFU there is against the CPU's fp32 matmul peak measured
 once by the device row (``lrpretrain bench --peak-flops``), and ``torch.compile`` uses the
 ``aot_eager`` backend (Dynamo's tracing and AOTAutograd, the part shared with the GPU run; inductor's
-CPU code generation is C++, not the GPU's Triton, and costs a minute of compiler time here).
+CPU code generation is C++, not the GPU's Triton, and costs a minute of compiler time here). The
+kernel rows run there at tiny shapes with the Triton kernels in Triton's interpreter (``--cpu`` sets
+``TRITON_INTERPRET=1`` before anything imports them).
 
 Test hooks (environment, each a ``--rows``-style pattern of rows): ``GPU_SUITE_FAIL_ROWS`` makes the
 rows fail (a bench row gets an unknown config key, other rows exit 1), ``GPU_SUITE_CRASH_ROWS`` kills
@@ -68,6 +75,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -114,11 +122,13 @@ class Row:
     steps: int = 3
     memory: bool = True  # measure peak memory (one more update, and the activations' bytes)
     cpu_memory: bool = False  # measure it in the --cpu dry run too (torch.profiler: ~2 s a row there)
-    ref: str | None = None  # tokens/s is reported relative to this (earlier) row
+    ref: str | None = None  # tokens/s is reported relative to this row (earlier or later: the summary has all)
     cap_s: float = 180.0  # killed past this
     cpu_s: float = 3.0  # expected seconds in the --cpu dry run (2 busy cores)
     seconds: float = 5.0  # data rows: seconds of streaming measured (1 with --cpu)
     note: str = ""
+    kernel: str = ""  # kernel rows: benchmarks/kernel_bench.py's kernel (loss, sltrain, cola, adam8, adam_bf16)
+    default: bool = True  # run without --rows; False: only when --rows names the row or its group
 
 
 def _m(method: str, gpu_s: float, *overrides: str) -> Row:
@@ -142,6 +152,20 @@ def _p(name: str, method: str, size: str, gpu_s: float, *overrides: str, ref: st
     ``ref``, its bf16-autocast twin where the suite has one."""
     return Row(name, "precision", gpu_s, method=method, size=size, mb=mb,
                overrides=(*overrides, "trainer.precision=pure_bf16"), ref=ref, cpu_s=4.0, cap_s=300.0)
+
+
+def _k(kernel: str, gpu_s: float, note: str) -> Row:
+    """A kernel row: benchmarks/kernel_bench.py, the kernel against its PyTorch reference at llama_1b shapes."""
+    return Row(f"k_{kernel}", "kernels", gpu_s, kind="kernel", kernel=kernel, cap_s=180, cpu_s=12, note=note,
+               default=False)
+
+
+def _e(method: str, kernels: str, gpu_s: float) -> Row:
+    """An end-to-end kernels row at the memory size (1b), micro-batch 32, trainer.kernels=torch|triton;
+    the triton row against its torch twin."""
+    return Row(f"e_{method}_{kernels}", "kernels", gpu_s, method=method, size=MEMORY, mb=32,
+               overrides=(f"trainer.kernels={kernels}",), ref=f"e_{method}_torch" if kernels == "triton" else None,
+               cap_s=240, cpu_s=6 if kernels == "torch" else 20, default=False)
 
 
 GALORE8_PL = ("method.state_bits=8", "trainer.per_layer_update=true")
@@ -216,6 +240,20 @@ ROWS: tuple[Row, ...] = (
     _mem("galore", "none", True, 22),
     Row("full_1b_compile", "compile", 100, size=MEMORY, overrides=("trainer.compile=true",),
         cpu_overrides=("trainer.compile_backend=aot_eager",), mb=32, cap_s=240, cpu_s=8, ref="mem_full_none"),
+    # The fused kernels (lrpretrain/kernels, trainer.kernels): not in the default run, whose deadline the rows
+    # above fill; `--rows device,kernels` runs them (README "Measuring on a GPU"). Budgets: the Triton kernels'
+    # first launches compile (CoLA's two GEMMs autotune over 5 configurations each: the largest figures).
+    _k("loss", 12, "LM head + cross-entropy: whole logits vs chunked PyTorch vs liger, 8192 tokens, vocab 32000"),
+    _k("sltrain", 15, "SLTrain up projection 2048 -> 5461, r 512, delta 0.03: dense rebuild vs sparse Triton"),
+    _k("cola", 25, "CoLA up projection 2048 -> 5461, r 512: PyTorch vs SiLU-epilogue GEMMs"),
+    _k("adam8", 8, "AdamW step with 8-bit moments, 5461 x 2048 and 32000 x 2048: PyTorch vs one kernel a piece"),
+    _k("adam_bf16", 8, "AdamW step of bf16 weights, stochastic rounding: PyTorch vs one kernel a piece"),
+    _e("full", "torch", 6),
+    _e("full", "triton", 8),
+    _e("sltrain", "torch", 8),
+    _e("sltrain", "triton", 14),
+    _e("cola", "torch", 6),
+    _e("cola", "triton", 25),
 )
 
 CPU_BASE = ["model=llama_tiny", "data=embedded", "data.seq_len=32", "trainer.device=cpu", "trainer.precision=fp32",
@@ -238,7 +276,7 @@ def preset(method: str, size: str) -> list[str]:
 
 def row_overrides(row: Row, cpu: bool, sizes: dict[str, str]) -> list[str]:
     """The row's Hydra overrides, its micro-batch included when fixed."""
-    if row.kind == "device":
+    if row.kind in ("device", "kernel"):
         return []
     if cpu:
         spec = [*CPU_BASE, f"method={row.method}", *([] if row.method in NO_RANK else ["method.rank=8"])]
@@ -258,9 +296,10 @@ def row_cost(row: Row, cpu: bool) -> float:
 
 
 def select(rows: list[Row] | tuple[Row, ...], pattern: str | None) -> list[Row]:
-    """Rows whose name or group matches one of the comma-separated fnmatch patterns."""
+    """Rows whose name or group matches one of the comma-separated fnmatch patterns; without a pattern
+    the default rows (``Row.default``)."""
     if not pattern:
-        return list(rows)
+        return [r for r in rows if r.default]
     pats = [p.strip() for p in pattern.split(",") if p.strip()]
     return [r for r in rows if any(fnmatch.fnmatchcase(r.name, p) or fnmatch.fnmatchcase(r.group, p) for p in pats)]
 
@@ -285,6 +324,9 @@ def run_job(job: dict) -> int:
         return 0
     if job["kind"] == "data":
         job_data(Path(job["result"]), job["seconds"], job["overrides"])
+        return 0
+    if job["kind"] == "kernel":
+        job_kernel(Path(job["result"]), job["kernel"], "tiny" if job["cpu"] else "1b")
         return 0
     return job_bench(job)
 
@@ -386,6 +428,14 @@ def job_device(out: Path, cpu: bool) -> None:
     info["matmul"] = f"bf16 {n}x{n} @ {n}x{n}, best of {repeats} x {inner}"
     info["measured_bf16_flops"] = 2.0 * n**3 / best
     out.write_text(json.dumps(info, indent=1) + "\n")
+
+
+def job_kernel(out: Path, kernel: str, size: str) -> None:
+    """A kernel against its reference (benchmarks/kernel_bench.py; on the CPU in Triton's interpreter)."""
+    spec = importlib.util.spec_from_file_location("kernel_bench", HERE / "kernel_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out.write_text(json.dumps(bench.run(kernel, size), indent=1) + "\n")
 
 
 def job_data(out: Path, seconds: float, overrides: list[str]) -> None:
@@ -643,7 +693,7 @@ class Suite:
                 rec.update(self.run_bench(row, rec["overrides"], scratch, log))
             else:
                 job = self.job(row, row.kind, scratch, overrides=rec["overrides"],
-                               seconds=1.0 if self.cpu else row.seconds)
+                               seconds=1.0 if self.cpu else row.seconds, kernel=row.kernel)
                 res = self.children.run(job, min(row.cap_s, self.left()), log, scratch)
                 rec.update(self.outcome(res, job))
         rec["wall_s"] = time.monotonic() - t
@@ -779,7 +829,9 @@ TITLES = {"full": "Full rank by size (largest micro-batch that fits among the ca
           "data": "Data stream alone (CPU: tokenize, truncate/pack, collate)",
           "memory": "Activation recomputation and per-layer updates",
           "compile": "torch.compile (trainer.compile=true)",
-          "precision": "bf16 autocast vs pure bf16 (trainer.precision=pure_bf16; tokens/s vs the bf16 twin)"}
+          "precision": "bf16 autocast vs pure bf16 (trainer.precision=pure_bf16; tokens/s vs the bf16 twin)",
+          "kernels": "Fused kernels (trainer.kernels; lrpretrain/kernels): each against its PyTorch reference at llama_1b "
+                     "shapes, then end to end at llama_1b with kernels off (torch) and on (triton)"}
 
 
 def _table(head: list[str], lines: list[list[str]]) -> list[str]:
@@ -837,6 +889,10 @@ def summary(records: dict, rows: list[Row], device: dict | None, deadline: float
             lines += _table(["row", "mode", "seq", "rows/batch", "positions/s", "non-pad tokens/s", "CPU cores",
                              "status"], cells)
         else:
+            kernel_rows = [r for r in grows if r.kind == "kernel"]
+            if kernel_rows:
+                lines += [*kernel_lines(kernel_rows, records), ""]
+            grows = [r for r in grows if r.kind != "kernel"]
             cells = []
             for r in grows:
                 rec = records.get(r.name) or {}
@@ -867,6 +923,31 @@ def summary(records: dict, rows: list[Row], device: dict | None, deadline: float
               records[r.name]["status"].split(":")[0] if r.name in records else "not run"] for r in rows]
     lines += _table(["row", "budget s", "wall s", "status"], cells)
     return "\n".join(lines) + "\n"
+
+
+def kernel_lines(rows: list[Row], records: dict) -> list[str]:
+    """One line per variant of each kernel row: time, speed-up over the reference, peak memory, bytes kept
+    for the backward, largest difference from the reference."""
+    cells = []
+    for r in rows:
+        rec = records.get(r.name)
+        variants = ((rec or {}).get("result") or {}).get("variants") or {}
+        if not variants:
+            cells.append([r.name, "–", "–", "–", "–", "–", "–", _status(rec)])
+            continue
+        for name, v in variants.items():
+            if not isinstance(v, dict):
+                continue
+            diff = v.get("max_rel_diff") or {}
+            worst = max((x for x in diff.values() if x is not None), default=None)
+            eq = v.get("weights_bitwise_equal")
+            cells.append([r.name, name, f"{v['seconds'] * 1e3:.2f}", f"{v.get('speedup_vs_reference', 1.0):.2f}x",
+                          _gib(v.get("peak_bytes")),
+                          "–" if v.get("saved_bytes") is None else f"{v['saved_bytes'] / 2**20:.1f}",
+                          "–" if worst is None else f"{worst:.1e}" + ("" if eq is None else f" ({100 * eq:.2f}% bit-equal)"),
+                          _status(rec)])
+    return _table(["row", "variant", "ms (median)", "vs reference", "peak GiB", "kept for backward MiB",
+                   "max rel. diff vs reference", "status"], cells)
 
 
 def galore_refresh_line(records: dict) -> str:
@@ -923,6 +1004,8 @@ def main() -> int:
         return 0
     if args.out is None:
         ap.error("--out DIR is required")
+    if args.cpu:  # the kernel rows' Triton kernels run in Triton's interpreter, which must be chosen before import
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     deadline = args.deadline if args.deadline is not None else (300.0 if args.cpu else 450.0)
     suite = Suite(args.out, deadline, rows, args.cpu, sys.argv[1:], sizes, args.exec_children)

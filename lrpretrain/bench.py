@@ -222,6 +222,7 @@ def _measure(cfg, trainer, warmup: int, steps: int, memory: bool, peak_flops: fl
     out: dict[str, Any] = {
         "model": cfg.model.name, "method": cfg.method.name, "recompute": cfg.trainer.recompute,
         "per_layer_update": cfg.trainer.per_layer_update, "precision": trainer.precision, "device": str(device),
+        "kernels": trainer.kernels.name,
         "micro_batch_size": cfg.trainer.micro_batch_size, "batch_size": cfg.trainer.batch_size,
         "seq_len": cfg.data.seq_len, "warmup": warmup, "steps": steps, "warmup_s": warmup_times, "step_s": step_s,
         "steps_s": times,
@@ -232,7 +233,7 @@ def _measure(cfg, trainer, warmup: int, steps: int, memory: bool, peak_flops: fl
     }
     if memory:
         out.update(_memory(trainer, cuda))
-    est = estimate(cfg, precision=trainer.precision)
+    est = estimate(cfg, precision=trainer.precision, kernels=trainer.kernels)
     out["estimate"] = est.as_dict()
     return out
 
@@ -307,7 +308,7 @@ def format_result(r: dict[str, Any]) -> str:
     mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.2f}%"
     lines = [
         f"{r['model']} | method {r['method']} | recompute {r['recompute']} | per-layer "
-        f"{'on' if r['per_layer_update'] else 'off'} | {r['precision']} | {r['device']} | "
+        f"{'on' if r['per_layer_update'] else 'off'} | {r['precision']} | kernels {r.get('kernels', '-')} | {r['device']} | "
         f"{r['batch_size']} x {r['seq_len']} tokens per update (micro-batch {r['micro_batch_size']})",
         f"step time  {r['step_s']:.4f} s (median of {r['steps']} after {r['warmup']} warmup)",
         f"throughput {r['tokens_per_s']:,.0f} tokens/s   {r['flops_per_token'] * r['tokens_per_s'] / 1e12:.3f} TFLOP/s"

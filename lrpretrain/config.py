@@ -126,6 +126,7 @@ class OptimConfig:
 RECOMPUTE = ("none", "full", "selective", "method")
 PRECISIONS = ("auto", "fp32", "bf16", "pure_bf16")
 BF16_UPDATES = ("stochastic", "nearest", "kahan")
+KERNELS = ("auto", "torch", "triton")  # trainer.kernels (lrpretrain.kernels.CHOICES)
 PER_LAYER_CLIP = ("global", "param")
 
 
@@ -149,6 +150,9 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile the model
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: dynamo + AOTAutograd, no code generation)
+    # fused kernels (lrpretrain/kernels): auto (Triton and liger's fused loss on CUDA; elsewhere the PyTorch
+    # references with the chunked loss) | torch (the PyTorch paths; the loss from the whole logits) | triton
+    kernels: str = "auto"
     threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
     on_nonfinite: str = "skip"  # skip the update | stop the run
     max_nonfinite: int = 10  # consecutive skipped updates before stopping anyway
@@ -167,6 +171,7 @@ class TrainerConfig:
         _one_of("trainer.precision", self.precision, PRECISIONS)
         _one_of("trainer.bf16_update", self.bf16_update, BF16_UPDATES)
         _one_of("trainer.device", self.device, ("auto", "cpu", "cuda"))
+        _one_of("trainer.kernels", self.kernels, KERNELS)
         _one_of("trainer.on_nonfinite", self.on_nonfinite, ("skip", "stop"))
         check(self.max_nonfinite > 0, "trainer.max_nonfinite", self.max_nonfinite, "must be > 0")
         _one_of("trainer.recompute", self.recompute, RECOMPUTE)

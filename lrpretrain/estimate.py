@@ -53,6 +53,8 @@ from typing import Any
 
 from lrpretrain.config import Config
 from lrpretrain.errors import UserError
+from lrpretrain.kernels import KernelChoice, choose
+from lrpretrain.kernels.head_loss import fused_loss_bytes
 from lrpretrain.methods import get_method
 from lrpretrain.model.memory import (
     autocast_weight_bytes,
@@ -110,15 +112,24 @@ def precision_of(cfg: Config) -> str:
     return cfg.trainer.resolved_precision(cfg.trainer.device != "cpu")
 
 
+def kernels_of(cfg: Config) -> KernelChoice:
+    """``trainer.kernels`` on the device the estimate is for (as :func:`precision_of`: a GPU unless
+    ``trainer.device=cpu``), Triton and liger-kernel assumed present there."""
+    return choose(cfg.trainer.kernels, cfg.trainer.device != "cpu", check=False)
+
+
 def estimate(cfg: Config, budget: float | None = None, precision: str | None = None,
-             world_size: int = 1) -> Estimate:
+             world_size: int = 1, kernels: KernelChoice | None = None) -> Estimate:
     """The analytic estimate for a validated config (nothing is built).
 
     ``precision`` (``fp32``, ``bf16`` or ``pure_bf16``) overrides the config's, resolved for the
-    device (:func:`precision_of`); ``bench`` passes the precision it measured.
+    device (:func:`precision_of`), and ``kernels`` what ``trainer.kernels`` resolves to
+    (:func:`kernels_of`); ``bench`` passes what it measured.
     """
     t, mc = cfg.trainer, cfg.model
+    kernels = kernels or kernels_of(cfg)
     plugin = get_method(cfg.method.name)(cfg.method, mc)
+    plugin.kernels = "triton" if kernels.triton else "torch"
     T, B = cfg.data.seq_len, t.micro_batch_size
     accum = t.batch_size // (B * world_size)
     precision = precision or precision_of(cfg)
@@ -143,24 +154,37 @@ def estimate(cfg: Config, budget: float | None = None, precision: str | None = N
     except NotImplementedError as e:  # a third-party policy without an activation model
         raise UserError(f"cannot estimate trainer.recompute={t.recompute} for method '{cfg.method.name}': {e}; "
                         "trainer.recompute=none gives an upper bound") from e
-    per_token = layers + outside_layers_bytes(mc, T, precision)
+    fused = kernels.head_loss != "full"  # a head loss (lrpretrain/kernels/head_loss.py): no logits, its gradients kept
+    per_token = layers + outside_layers_bytes(mc, T, precision, fused_loss=fused)
     saved = tokens * per_token
     embeddings = mc.vocab_size * mc.dim * (1 if mc.tie_embeddings else 2)
+    # autocast's bf16 weight copies, saved by the matmuls; a fused loss saves not the head's (it lives in
+    # autocast's cache while the loss runs: a transient, fused_loss_bytes)
     cast_params = cost.get("autocast_params", params - embeddings + mc.vocab_size * mc.dim)
-    cast = autocast_weight_bytes(cast_params) if precision == "bf16" else 0.0
+    cast = autocast_weight_bytes(cast_params - (mc.vocab_size * mc.dim if fused else 0.0)) if precision == "bf16" else 0.0
+    if fused:
+        loss_kept, fwd_t, bwd_t = fused_loss_bytes(kernels.head_loss, tokens, mc.dim, mc.vocab_size, precision)
+        saved += loss_kept
+    else:
+        loss_kept = 0.0
+        fwd_t, bwd_t = (tokens * x for x in loss_transient_bytes(mc, T, precision))
     activations = saved + cast
-    fwd_t, bwd_t = (tokens * x for x in loss_transient_bytes(mc, T, precision))
     earlier = all_grads if accum > 1 else 0.0  # gradients of the earlier micro-batches, held meanwhile
     head_grad = wb * cost.get("head_grad_params", mc.vocab_size * mc.dim)  # 0 when a method freezes the head
     # the costliest single-parameter step: the optimizer's temporaries (under pure bf16 with the fp32
     # working copies of the weight and its gradient that the step runs on, lrpretrain/optim/bf16.py)
     step_temp = float(plugin.step_temp_bytes(mc, cfg.optim, precision))
-    log_softmax = tokens * 4.0 * mc.vocab_size * (T - 1) / T  # in the activations, freed first in the backward
+    # in the activations and freed first in the backward: the log-softmax, or a fused loss's gradients
+    log_softmax = loss_kept if fused else tokens * 4.0 * mc.vocab_size * (T - 1) / T
     # the method's own work inside the backward (LoQT's full gradient of W and its SVD at an update step)
     method_temp = float(plugin.backward_temp_bytes(mc, cfg.optim, precision, tokens, accum, t.recompute,
                                                    t.recompute_every))
     moments = {"end of forward": activations + fwd_t + earlier}
-    if in_backward:  # the LM head's step runs early in the backward, beside nearly every activation
+    if in_backward and fused:  # the head's step: after the loss's backward, whose kept gradients a retained
+        # graph (the exact global clip's first pass, which does not step) still holds
+        moments["start of backward"] = activations + bwd_t + max(earlier, head_grad) + max(0.0, step_temp - loss_kept) \
+            + method_temp
+    elif in_backward:  # the LM head's step runs early in the backward, beside nearly every activation
         moments["start of backward"] = activations - log_softmax + max(earlier, head_grad) + step_temp + method_temp
     else:
         moments["start of backward"] = activations + bwd_t + max(earlier, head_grad) + method_temp

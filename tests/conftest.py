@@ -23,6 +23,13 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["WANDB_SILENT"] = "true"
 os.environ.pop("WANDB_MODE", None)
 os.environ.pop("LRPRETRAIN_DEBUG", None)
+# Without a GPU the Triton kernels (lrpretrain/kernels) run in Triton's interpreter; Triton reads the variable
+# when a kernel is defined, so before anything imports them
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
 # `python -m pytest` in the checkout puts its root on sys.path, where kernels/ would shadow the PyPI package

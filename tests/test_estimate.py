@@ -113,6 +113,9 @@ MEASURED = [
     # int8 codes in the weights, the rebuilt weight's temporaries in the backward (module_temp_bytes)
     ["method=lr_qat", "method.rank=16", "method.train_rest=false"],
     ["method=lr_qat", "method.rank=16", "trainer.precision=pure_bf16", "trainer.per_layer_update=true"],
+    # the rows above run the chunked loss (trainer.kernels=auto on the CPU); these the loss from the whole logits
+    ["method=full", "trainer.kernels=torch"],
+    ["method=lora", "method.rank=16", "trainer.kernels=torch", "trainer.per_layer_update=true"],
 ]
 
 

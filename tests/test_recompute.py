@@ -4,12 +4,15 @@ saved activation memory, the RNG replayed, the method's own policy applied, bad 
 from __future__ import annotations
 
 import copy
+from dataclasses import fields
 
 import pytest
 import torch
 import torch.nn.functional as F
 from test_errors import one_line
+from test_estimate import BUILTIN
 
+from lrpretrain.errors import UserError
 from lrpretrain.methods import get_method
 from lrpretrain.model import build_model, lm_loss
 from lrpretrain.train import load_config
@@ -171,3 +174,34 @@ def test_recompute_may_change_on_resume(cli, tmp_path):
 def test_bad_values_are_one_line(cli, tmp_path, args, expected):
     one_line(cli("train", *TINY, f"run.dir={tmp_path / 'run'}", *args), expected)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_every_method_recomputes_to_the_same_loss_and_gradients(name, one_thread):
+    """Each built-in method's prepared model under full, selective and its own policy gives the loss and
+    gradients of no recomputation (selective recomputation once broke SLTrain's in-place scaling)."""
+    rank = ["method.rank=8"] if "rank" in {f.name for f in fields(get_method(name).Config)} else []
+    cheap = ["method.scale_init=minmax"] if name == "lr_qat" else []  # its L4 grid search: 100 quantisations
+    cfg, _ = load_config(["model=llama_tiny", f"method={name}", ONE, *rank, *cheap])
+    torch.manual_seed(0)
+    method = get_method(name)(cfg.method, cfg.model)
+    base = method.prepare_model(build_model(cfg.model))
+    ids = torch.randint(0, cfg.model.vocab_size, (B, T), generator=torch.Generator().manual_seed(1))
+    results = {}
+    for mode in ("none", "full", "selective", "method"):
+        model = copy.deepcopy(base)
+        try:
+            apply_recompute(model, mode, 1, method)
+        except UserError:  # no policy of its own, or blocks that refuse checkpointing (CR-Net)
+            continue
+        torch.manual_seed(2)  # dropout masks (LoRA's) drawn alike in every mode
+        loss = lm_loss(model(ids), ids)[0]
+        loss.backward()
+        results[mode] = loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    ref_loss, ref_grads = results.pop("none")
+    assert results, f"{name}: no recomputation mode accepted"
+    for mode, (loss, grads) in results.items():
+        torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0, msg=f"{name} {mode}")
+        assert grads.keys() == ref_grads.keys(), f"{name} {mode}"
+        for n, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[n], rtol=1e-6, atol=1e-7, msg=f"{name} {mode} {n}")

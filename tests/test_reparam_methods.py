@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from lrpretrain.kernels.sparse_lowrank import SparseLowRankFunction, support_gradient
 from lrpretrain.methods import StepContext, get_method
 from lrpretrain.methods.lora import adapter_parameters, lora_modules
-from lrpretrain.methods.sltrain import SparseLowRankFunction, SparseLowRankLinear, support_gradient
+from lrpretrain.methods.sltrain import SparseLowRankLinear
 from lrpretrain.methods.toolkit import parameter_counts
 from lrpretrain.model import build_model
 from lrpretrain.train import load_config

@@ -132,6 +132,9 @@ class Method:
     def __init__(self, cfg: MethodConfig, model_cfg: ModelConfig):
         self.cfg = cfg
         self.model_cfg = model_cfg
+        # how the method's fused ops run (lrpretrain/kernels): torch (the PyTorch references) or triton; set
+        # from trainer.kernels, for the run's device, before prepare_model (by the trainer and by estimate)
+        self.kernels = "torch"
 
     # -- once, before wrapping -------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> nn.Module:

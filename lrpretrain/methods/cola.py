@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lrpretrain.config import ModelConfig
 from lrpretrain.errors import UserError, check
+from lrpretrain.kernels.lowrank_act import cola_encode, cola_linear
 from lrpretrain.methods import register_method
 from lrpretrain.methods.base import Method, Reparameterized
 from lrpretrain.methods.subspace import target_shapes
@@ -63,9 +64,10 @@ class CoLAConfig(TargetsConfig):
 class CoLALinear(Reparameterized):
     """h(x) = B·σ(A·x) in place of ``nn.Linear(in_features, out_features, bias=False)``."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, rank: int, device=None, dtype=None, kernels: str = "torch"):
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.kernels = kernels  # triton: SiLU fused into the matmuls, σ recomputed from A·x (lrpretrain/kernels)
         self.A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
         self.reset_parameters()
@@ -78,12 +80,16 @@ class CoLALinear(Reparameterized):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """σ(A·x): the r-dimensional activation, CoLA-M's segment boundary."""
+        if self.kernels == "triton":
+            return cola_encode(x, self.A)
         return F.silu(F.linear(x, self.A))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return F.linear(z, self.B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels == "triton":  # keeps A·x for the backward, not σ(A·x)
+            return cola_linear(x, self.A, self.B)
         return self.decode(self.encode(x))
 
     def dense_weight(self) -> torch.Tensor:
@@ -215,7 +221,8 @@ class CoLA(Method):
     def prepare_model(self, model: nn.Module) -> nn.Module:
         c = self.cfg
         reparameterize(model, list(c.targets), lambda _q, lin: CoLALinear(
-            lin.in_features, lin.out_features, c.rank, device=lin.weight.device, dtype=lin.weight.dtype))
+            lin.in_features, lin.out_features, c.rank, device=lin.weight.device, dtype=lin.weight.dtype,
+            kernels=self.kernels))
         for i, block in enumerate(model.layers):
             model.layers[i] = CoLABlock(block, swiglu=not c.only_lr_act)
         if self.recompute_always:
@@ -226,8 +233,10 @@ class CoLA(Method):
         return install_cola_m
 
     def layer_extra_values(self, model_cfg: ModelConfig) -> float:
-        """A·x and σ(A·x): 2r values per CoLA projection."""
-        return 2.0 * self.cfg.rank * len(expand_targets(list(self.cfg.targets)))
+        """A·x and σ(A·x): 2r values per CoLA projection; with the fused kernel (``kernels=triton``) A·x
+        only, σ being recomputed from it in the backward."""
+        per_projection = 1.0 if self.kernels == "triton" else 2.0
+        return per_projection * self.cfg.rank * len(expand_targets(list(self.cfg.targets)))
 
     def activation_bytes(self, model_cfg: ModelConfig, recompute: str, recompute_every: int, precision: str) -> float:
         """CoLA-M's segments keep (d + 7r) values per token and block (:func:`cola_m_saved_bytes`)."""

@@ -187,11 +187,6 @@ class CRNetLLaMA(LLaMA):
 
     recompute_group = 0  # layers per carry anchor in CR-Net's recomputation; 0: off
 
-    def forward(self, input_ids: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        end = start_pos + input_ids.shape[1]
-        return self.lm_head(self.norm(self.forward_layers(self.embed_tokens(input_ids), self.rope_cos[start_pos:end],
-                                                          self.rope_sin[start_pos:end])))
-
     def forward_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.recompute_group and torch.is_grad_enabled():
             return recompute_layers(list(self.layers), x, cos, sin, self.recompute_group)

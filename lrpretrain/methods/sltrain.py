@@ -21,8 +21,11 @@ Memory, per target, of what :class:`SparseLowRankFunction` keeps and creates:
   exist at a time instead of m·n; the FLOPs are those of the dense weight gradient (2·tokens·m·n);
 - the factor gradients never form G either: ∂B = s·gᵀ(x Aᵀ), ∂A = s·(g B)ᵀ x.
 
-A fused kernel that also skips the dense rebuild (sparse-dense matmul in the forward and for ∂x)
-would cut the transient buffer and the rebuild FLOPs; it is not implemented here.
+The op itself lives in lrpretrain/kernels/sparse_lowrank.py: this PyTorch one (``trainer.kernels=torch``,
+and the CPU default), and a Triton one (``trainer.kernels=triton``, and ``auto`` on CUDA) that never
+makes S dense: the low-rank part through its factors, the sparse part as sparse products over the
+support (forward and ∂x), and the values' gradient sampled at the support; with a cached layout of
+the support (row and column pointers and a column-order permutation: 4 more bytes per value).
 """
 
 from __future__ import annotations
@@ -32,16 +35,21 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lrpretrain.errors import check
+from lrpretrain.kernels.sparse_lowrank import (
+    SparseLowRankFunction,
+    SupportLayout,
+    dense_weight,
+    sparse_lowrank_triton,
+    support_layout,
+)
 from lrpretrain.methods import register_method
 from lrpretrain.methods.base import Method, Reparameterized
 from lrpretrain.methods.targets import TargetsConfig
 from lrpretrain.methods.toolkit import (
     check_rank_for_model,
-    compute_dtype,
     kaiming_uniform_,
     reparameterize,
     reparameterized_cost,
@@ -72,72 +80,6 @@ class SLTrainConfig(TargetsConfig):
         check_rank_for_model(self.rank, model_cfg, list(self.targets))
 
 
-# -- the op ---------------------------------------------------------------------------------------------
-
-
-def dense_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, values: torch.Tensor, index: torch.Tensor,
-                 scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """s·B·A + S as one dense (m, n) matrix in ``dtype``.
-
-    The product is written with ``out=`` and then scaled and added to in place: ``trainer.recompute=
-    selective`` keeps the outputs of plain matmuls (``aten.mm.default``) for the backward, and would
-    both keep this weight-sized temporary and refuse the in-place edits of a kept tensor."""
-    w = torch.empty(lora_B.shape[0], lora_A.shape[1], dtype=dtype, device=lora_B.device)
-    torch.mm(lora_B.to(dtype), lora_A.to(dtype), out=w).mul_(scale)
-    return w.view(-1).index_add_(0, index, values.to(dtype)).view(lora_B.shape[0], lora_A.shape[1])
-
-
-def support_gradient(grad_out: torch.Tensor, x: torch.Tensor, index: torch.Tensor, block_rows: int) -> torch.Tensor:
-    """(grad_outᵀ x) at the flat ``index`` (sorted, row-major), one block of rows at a time.
-
-    grad_out: (tokens, m); x: (tokens, n). Never holds more than ``block_rows`` x n of the dense product.
-    """
-    m, n = grad_out.shape[1], x.shape[1]
-    out = torch.empty(index.numel(), dtype=grad_out.dtype, device=grad_out.device)
-    row_starts = torch.arange(0, m + block_rows, block_rows, device=index.device).clamp_(max=m)
-    bounds = torch.searchsorted(index, row_starts * n).tolist()  # support slice of each row block
-    for b, r0 in enumerate(range(0, m, block_rows)):
-        lo, hi = bounds[b], bounds[b + 1]
-        if lo == hi:
-            continue
-        r1 = min(r0 + block_rows, m)
-        block = grad_out[:, r0:r1].t() @ x  # (r1 - r0, n)
-        out[lo:hi] = block.view(-1)[index[lo:hi] - r0 * n]
-    return out
-
-
-class SparseLowRankFunction(torch.autograd.Function):
-    """y = x (s·B·A + S)ᵀ with gradients for x, A, B and S's values, and no dense weight gradient."""
-
-    @staticmethod
-    def forward(ctx, x, lora_A, lora_B, values, index, scale: float, block_rows: int):
-        dtype = compute_dtype(x)
-        ctx.save_for_backward(x, lora_A, lora_B, values, index)
-        ctx.scale, ctx.block_rows, ctx.dtype = scale, block_rows, dtype
-        w = dense_weight(lora_A, lora_B, values, index, scale, dtype)
-        return F.linear(x.to(dtype), w)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, lora_A, lora_B, values, index = ctx.saved_tensors
-        s, dtype = ctx.scale, ctx.dtype
-        n, m = lora_A.shape[1], lora_B.shape[0]
-        g = grad_out.reshape(-1, m).to(dtype)
-        x2 = x.reshape(-1, n).to(dtype)
-        grad_x = grad_A = grad_B = grad_values = None
-        if ctx.needs_input_grad[0]:
-            w = dense_weight(lora_A, lora_B, values, index, s, dtype)
-            grad_x = (g @ w).view(x.shape).to(x.dtype)
-            del w
-        if ctx.needs_input_grad[2]:
-            grad_B = (g.t() @ (x2 @ lora_A.to(dtype).t())).mul_(s).to(lora_B.dtype)  # s·gᵀ(x Aᵀ)
-        if ctx.needs_input_grad[1]:
-            grad_A = ((g @ lora_B.to(dtype)).t() @ x2).mul_(s).to(lora_A.dtype)  # s·(g B)ᵀ x
-        if ctx.needs_input_grad[3]:
-            grad_values = support_gradient(g, x2, index, ctx.block_rows).to(values.dtype)
-        return grad_x, grad_A, grad_B, grad_values, None, None, None
-
-
 # -- the module -------------------------------------------------------------------------------------------
 
 
@@ -145,8 +87,11 @@ class SparseLowRankLinear(Reparameterized):
     """W = s·B·A + S; S = ``sparse_values`` at the fixed flat positions ``sparse_index`` (a buffer)."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, scale: float, delta: float,
-                 generator: torch.Generator, block_elements: int = 1 << 22, device=None, dtype=None):
+                 generator: torch.Generator, block_elements: int = 1 << 22, device=None, dtype=None,
+                 kernels: str = "torch"):
         super().__init__()
+        self.kernels = kernels  # torch: the dense rebuild; triton: S applied sparsely (lrpretrain/kernels)
+        self._layout: SupportLayout | None = None  # the support's layout for the Triton op, made on first use
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.scale, self.delta = scale, delta
         self.block_rows = max(1, block_elements // in_features)
@@ -161,6 +106,10 @@ class SparseLowRankLinear(Reparameterized):
         self.sparse_values = nn.Parameter(values.to(device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels == "triton":
+            self._layout = support_layout(self.sparse_index, self.out_features, self.in_features, self._layout)
+            return sparse_lowrank_triton(x, self.lora_A, self.lora_B, self.sparse_values, self.sparse_index,
+                                         self.scale, self._layout)
         return SparseLowRankFunction.apply(x, self.lora_A, self.lora_B, self.sparse_values, self.sparse_index,
                                            self.scale, self.block_rows)
 
@@ -188,7 +137,8 @@ class SLTrain(Method):
         def build(_qual: str, linear: nn.Linear) -> SparseLowRankLinear:
             w = linear.weight
             return SparseLowRankLinear(linear.in_features, linear.out_features, c.rank, c.lora_alpha / c.rank,
-                                       c.delta, generator, c.block_elements, device=w.device, dtype=w.dtype)
+                                       c.delta, generator, c.block_elements, device=w.device, dtype=w.dtype,
+                                       kernels=self.kernels)
 
         reparameterize(model, list(c.targets), build)
         return model
@@ -204,7 +154,11 @@ class SLTrain(Method):
             return trained, trained, 6.0 * m * n + 4.0 * r * (m + n)
 
         out = reparameterized_cost(model_cfg, seq_len, list(self.cfg.targets), per_target)
-        # S's support: one int64 index per value, a buffer (+ the RoPE tables)
-        nnz = sum(int(delta * m * n) for m, n in target_shapes(model_cfg, list(self.cfg.targets)).values())
+        # S's support: one int64 index per value, a buffer (+ the RoPE tables); for the Triton op also its
+        # layout (int32 row and column pointers and a permutation: 4 bytes per value)
+        shapes = target_shapes(model_cfg, list(self.cfg.targets)).values()
+        nnz = sum(int(delta * m * n) for m, n in shapes)
         out["buffer_bytes"] = 8.0 * nnz * model_cfg.n_layers + rope_bytes(model_cfg)
+        if self.kernels == "triton":
+            out["buffer_bytes"] += 4.0 * model_cfg.n_layers * sum(int(delta * m * n) + m + n + 2 for m, n in shapes)
         return out

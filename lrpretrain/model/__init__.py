@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from lrpretrain.config import ModelConfig
-from lrpretrain.model.llama import LLaMA, flops_per_token, generate, lm_loss, param_count
+from lrpretrain.model.llama import HeadLoss, LLaMA, flops_per_token, generate, lm_loss, param_count
 
-__all__ = ["LLaMA", "build_model", "cast_parameters", "flops_per_token", "generate", "lm_loss", "param_count"]
+__all__ = ["HeadLoss", "LLaMA", "build_model", "cast_parameters", "flops_per_token", "generate", "lm_loss", "param_count"]
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", materialize: bool = True) -> LLaMA:

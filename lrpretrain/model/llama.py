@@ -147,6 +147,24 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+# (hidden states (B, T, d), head weight (V, d), labels (B, T)) -> summed next-token loss (fp32, 0-d): a loss
+# that applies the head itself, chunk by chunk, so that the logits never exist whole (lrpretrain.kernels)
+HeadLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class LMHead(nn.Linear):
+    """The LM head: logits, or, given a ``head_loss``, the loss of its input against ``labels``.
+
+    The loss is applied inside the head's own forward, so that whatever wraps the model sees the head's
+    weight as it does in any forward (FSDP2 and DeepSpeed ZeRO-3 gather it around a module's forward)."""
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None,
+                head_loss: HeadLoss | None = None) -> torch.Tensor:
+        if head_loss is None:
+            return F.linear(h, self.weight)
+        return head_loss(h, self.weight, labels)
+
+
 class LLaMA(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -154,21 +172,30 @@ class LLaMA(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
         cos, sin = rope_cache(cfg.max_seq_len, cfg.dim // cfg.n_heads, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, start_pos: int = 0, labels: torch.Tensor | None = None,
+                head_loss: HeadLoss | None = None) -> torch.Tensor:
         """(B, T) token ids at positions start_pos .. start_pos + T - 1 -> (B, T, vocab) logits
-        (start_pos > 0: decoding with a KV cache that holds the earlier positions)."""
+        (start_pos > 0: decoding with a KV cache that holds the earlier positions).
+
+        With ``head_loss`` (and ``labels``, aligned with the ids, -100 where not a target): the summed
+        next-token loss that ``head_loss`` computes from the final hidden states and the head's weight,
+        without the logits (training and evaluation under ``trainer.kernels``, lrpretrain/kernels)."""
         T = input_ids.shape[1]
         cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
-        x = self.embed_tokens(input_ids)
+        x = self.forward_layers(self.embed_tokens(input_ids), cos, sin)
+        return self.lm_head(self.norm(x), labels, head_loss)
+
+    def forward_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The decoder blocks: embeddings (B, T, d) -> the last block's output (a rewired model overrides it)."""
         for layer in self.layers:
             x = layer(x, cos, sin) if layer.checkpoint_fn is None else layer.checkpoint_fn(layer, x, cos, sin)
-        return self.lm_head(self.norm(x))
+        return x
 
     def tie_weights(self) -> None:
         """With ``tie_embeddings`` the LM head is the embedding matrix (again after ``to_empty``, which

@@ -52,13 +52,19 @@ def llama_layer_bytes(model_cfg: ModelConfig, recompute: str, precision: str) ->
     return 4.0 * (10 * d + 4 * f + H + 2)
 
 
-def outside_layers_bytes(model_cfg: ModelConfig, seq_len: int, precision: str) -> float:
+def outside_layers_bytes(model_cfg: ModelConfig, seq_len: int, precision: str, fused_loss: bool = False) -> float:
     """Bytes per token saved outside the decoder blocks: token ids (int64), the final RMSNorm
     (3d + 1 fp32; under bf16 autocast the LM head's bf16 input instead of the fp32 one: 10d + 4; under
     pure bf16 the fp32 statistics and the bf16 normalised value and output: 8d + 4) and the loss: the
-    fp32 log-softmax of the shifted logits and the int64 targets (T - 1 positions per row)."""
+    fp32 log-softmax of the shifted logits and the int64 targets (T - 1 positions per row).
+
+    ``fused_loss`` (a head loss, lrpretrain/kernels/head_loss.py): the head's input is not kept (the
+    norm keeps 2d + 1 fp32, 8d + 4 under autocast, 6d + 4 under pure bf16) and neither are logits; what
+    the fused loss keeps (its gradients) is counted by the estimator."""
     d, V = model_cfg.dim, model_cfg.vocab_size
     norm = {"fp32": 4.0 * (3 * d + 1), "bf16": 10.0 * d + 4.0, "pure_bf16": 8.0 * d + 4.0}[precision]
+    if fused_loss:
+        return 8.0 + norm - activation_itemsize(precision) * d
     return 8.0 + norm + (4.0 * V + 8.0) * (seq_len - 1) / seq_len
 
 

@@ -16,12 +16,13 @@ the same result, with one piece's temporaries.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lrpretrain.optim import moments, quant8
-from lrpretrain.optim.base import ElementwiseUpdate, ParamwiseOptimizer
+from lrpretrain.optim.base import AdamStep, ParamwiseOptimizer
 
 
 class AdamW(ParamwiseOptimizer):
@@ -41,7 +42,7 @@ class AdamW(ParamwiseOptimizer):
     def elementwise(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
         return True
 
-    def begin_elementwise(self, p: torch.Tensor, group: dict[str, Any]) -> ElementwiseUpdate:
+    def begin_elementwise(self, p: torch.Tensor, group: dict[str, Any]) -> AdamWStep:
         state = self.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32)
@@ -55,7 +56,19 @@ class AdamW(ParamwiseOptimizer):
         beta1, beta2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         bc1, bc2_sqrt = 1 - beta1**step, math.sqrt(1 - beta2**step)
-        return lambda w, g, m, v: adamw_update_(w, g, m, v, lr, beta1, beta2, eps, wd, bc1, bc2_sqrt)
+        return AdamWStep("adamw", beta1, beta2, eps, lr, wd, step_size=lr / bc1, denom_scale=bc2_sqrt,
+                         bias_correction1=bc1)
+
+
+@dataclass(frozen=True)
+class AdamWStep(AdamStep):
+    """torch.optim.AdamW's element-wise update (:func:`adamw_update_`)."""
+
+    bias_correction1: float = 1.0
+
+    def __call__(self, w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> None:
+        adamw_update_(w, g, m, v, self.lr, self.beta1, self.beta2, self.eps, self.weight_decay,
+                      self.bias_correction1, self.denom_scale)
 
 
 def adamw_update_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, lr: float,

@@ -19,19 +19,52 @@ their state (moments, bases) is fp32 as in any other run.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
 import torch
 
 from lrpretrain.comm import local
-from lrpretrain.optim import moments
+from lrpretrain.optim import moments, quant8
 from lrpretrain.optim.bf16 import Bf16Update
 
 # Entries per piece of an element-wise step (a multiple of the 8-bit block of 256 entries).
 CHUNK = 1 << 22
 # update(w, g, m, v): one element-wise step of a piece of a weight, in place
 ElementwiseUpdate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+# fused_adam(w, g, constants, m=..., v=... | m_codes=..., ..., rule=..., bits=..., comp=...): a piece's whole step
+# in one kernel (trainer.kernels; lrpretrain.kernels.adam.fused_adam_step)
+FusedAdam = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class AdamStep:
+    """One element-wise Adam update of a tensor, as :meth:`ParamwiseOptimizer.begin_elementwise` returns
+    it: callable as ``update(w, g, m, v)`` (the PyTorch arithmetic, in the subclasses), and described by
+    :meth:`kernel_constants` for a fused kernel that runs the same arithmetic on a whole piece.
+
+    Both forms update m <- m.lerp(g, 1 - β1), v <- β2·v + (1 - β2)·g² and decay w <- w·(1 - lr·wd):
+    ``adamw`` (torch.optim.AdamW): w <- w - (lr / bc1)·m / (√v / √bc2 + ε);
+    ``direction`` (the GaLore family's dense Adam): w <- w + α·m / (√v / s + ε), α = -lr·f (f, s:
+    :func:`~lrpretrain.optim.moments.normalized`'s form)."""
+
+    form: str  # adamw | direction
+    beta1: float
+    beta2: float
+    eps: float
+    lr: float
+    weight_decay: float
+    step_size: float  # adamw: lr / bc1; direction: α
+    denom_scale: float  # adamw: √bc2; direction: s
+
+    def __call__(self, w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def kernel_constants(self) -> dict[str, Any]:
+        return {"form": self.form, "lerp_weight": 1 - self.beta1, "beta2": self.beta2, "c2": 1 - self.beta2,
+                "eps": self.eps, "decay": 1 - self.lr * self.weight_decay if self.weight_decay != 0 else None,
+                "step": -self.step_size if self.form == "adamw" else self.step_size, "denom_scale": self.denom_scale}
 
 
 def adam_defaults(name: str, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
@@ -47,6 +80,7 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
     """Base class: subclasses implement :meth:`step_param`."""
 
     bf16_update: Bf16Update | None = None  # set by the trainer under trainer.precision=pure_bf16
+    fused_adam: FusedAdam | None = None  # set by the trainer under trainer.kernels (Triton)
     # True for an optimizer whose update needs the gradient at other parameter values, inside the step
     # (DLRT's S-step): the trainer then calls ``step(closure)`` with a closure that runs the update's
     # forward and backward again and returns the loss (torch's closure contract). Such an optimizer
@@ -113,6 +147,12 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
         stored = [local(state[k]) for k in ("exp_avg", "exp_avg_sq") if k in state]
         flat = all(t.is_contiguous() for t in (W, G, *stored))
         n = W.numel()
+        if self.fused_adam is not None and flat and isinstance(update, AdamStep):
+            for i in range(0, n, CHUNK):
+                self._fused_piece(update, state, W, G, writer, slice(i, min(i + CHUNK, n)))
+            if writer is not None:
+                writer.close()
+            return
         pieces = [slice(i, min(i + CHUNK, n)) for i in range(0, n, CHUNK)] if flat and n > CHUNK else [None]
         for sl in pieces:
             w = W if sl is None else W.view(-1)[sl]
@@ -126,6 +166,24 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
                 writer.store(w, x, sl)
         if writer is not None:
             writer.close()
+
+    def _fused_piece(self, update: AdamStep, state: dict[str, Any], W: torch.Tensor, G: torch.Tensor,
+                     writer: Any, sl: slice) -> None:
+        """The flat entries ``sl`` stepped by :attr:`fused_adam`: the stored moments (fp32, or 8-bit codes
+        and the absmax of their blocks) and, for a bf16 weight, the rounding's bits or compensation."""
+        assert self.fused_adam is not None
+        kw: dict[str, Any] = {}
+        if "exp_avg_q8" in state:
+            b = moments.blocks_of(sl)
+            for key, name in (("exp_avg", "m"), ("exp_avg_sq", "v")):
+                kw[f"{name}_codes"] = local(state[key + "_q8"]).view(-1)[sl]
+                kw[f"{name}_absmax"] = local(state[key + "_absmax"])[b]
+            kw["qmap_m"], kw["qmap_v"] = quant8.qmap(True, W.device), quant8.qmap(False, W.device)
+        else:
+            kw["m"], kw["v"] = local(state["exp_avg"]).view(-1)[sl], local(state["exp_avg_sq"]).view(-1)[sl]
+        if writer is not None:
+            kw.update(writer.kernel_args(sl))
+        self.fused_adam(W.view(-1)[sl], G.view(-1)[sl], update.kernel_constants(), **kw)
 
     def slot_of(self, p: torch.Tensor) -> int:
         """``p``'s position among all parameters of the optimizer (fixed for a run)."""

@@ -134,6 +134,7 @@ class Writer:
             if "bf16_comp" not in state:
                 state["bf16_comp"] = torch.zeros_like(weight)
             self.comp = local(state["bf16_comp"])
+        self.device = local(weight).device
         # index of this rank's first entry in the whole tensor (an FSDP2 shard holds whole rows)
         self.offset = 0
         if isinstance(weight, DTensor):
@@ -165,6 +166,17 @@ class Writer:
             stochastic_round_(wf[i:i + len(bits)], xf[i:i + len(bits)], bits)
         if flat is not w:
             w.copy_(flat)
+
+    def kernel_args(self, sl: slice) -> dict[str, Any]:
+        """What a fused step (``trainer.kernels``) needs to round the flat entries ``sl`` of the weight as
+        :meth:`store` would: the rule, and the piece's random bits (the same bits: :func:`rounding_bits`
+        of the entries' indices in the whole tensor) or its Kahan compensation (added in and updated)."""
+        out: dict[str, Any] = {"rule": self.rule}
+        if self.rule == "stochastic":
+            out["bits"] = rounding_bits(self.key, self.offset + sl.start, sl.stop - sl.start, self.device)
+        if self.comp is not None:
+            out["comp"] = self._comp(sl)
+        return out
 
     def close(self) -> None:
         if self.rule == "stochastic":

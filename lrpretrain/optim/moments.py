@@ -65,7 +65,7 @@ def save(state: State, m: torch.Tensor, v: torch.Tensor) -> None:
         state["exp_avg"], state["exp_avg_sq"] = m, v
 
 
-def _blocks(sl: slice) -> slice:
+def blocks_of(sl: slice) -> slice:
     """The absmax entries of the 8-bit blocks that the flat slice ``sl`` covers (``sl.start`` is a
     multiple of the block size)."""
     return slice(sl.start // quant8.BLOCK, -(-sl.stop // quant8.BLOCK))
@@ -78,7 +78,7 @@ def load_slice(state: State, sl: slice | None) -> tuple[torch.Tensor, torch.Tens
         m, v = load(state)
         return local(m), local(v)
     if "exp_avg_q8" in state:
-        b = _blocks(sl)
+        b = blocks_of(sl)
         return (quant8.dequantize(state["exp_avg_q8"].view(-1)[sl], state["exp_avg_absmax"][b], signed=True),
                 quant8.dequantize(state["exp_avg_sq_q8"].view(-1)[sl], state["exp_avg_sq_absmax"][b], signed=False))
     return local(state["exp_avg"]).view(-1)[sl], local(state["exp_avg_sq"]).view(-1)[sl]
@@ -92,7 +92,7 @@ def save_slice(state: State, sl: slice | None, m: torch.Tensor, v: torch.Tensor)
     if sl is None:
         _store(state, m, v, True)
         return
-    b = _blocks(sl)
+    b = blocks_of(sl)
     for key, x, signed in (("exp_avg", m, True), ("exp_avg_sq", v, False)):
         codes, absmax = quant8.quantize(x, signed)
         state[key + "_q8"].view(-1)[sl].copy_(codes.view(-1))

@@ -27,6 +27,8 @@ times (1 - lr·λ)), a second-order difference, and every published GaLore run u
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,7 +36,7 @@ from torch.distributed.tensor import DTensor
 
 from lrpretrain.comm import shard_rows
 from lrpretrain.optim import moments
-from lrpretrain.optim.base import ElementwiseUpdate, ParamwiseOptimizer
+from lrpretrain.optim.base import AdamStep, ParamwiseOptimizer
 from lrpretrain.optim.projector import PROJ_TYPES, Basis, next_seed, project, projected_shape, projection_side
 
 MOMENTS_ON_REFRESH = ("keep", "reset", "rotate")
@@ -166,7 +168,7 @@ class SubspaceAdam(ParamwiseOptimizer):
     def elementwise(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
         return not group.get("projected")
 
-    def begin_elementwise(self, p: torch.Tensor, group: dict[str, Any]) -> ElementwiseUpdate:
+    def begin_elementwise(self, p: torch.Tensor, group: dict[str, Any]) -> DenseAdamStep:
         state = self.state[p]
         if not state:
             state["step"] = 0
@@ -174,17 +176,11 @@ class SubspaceAdam(ParamwiseOptimizer):
         state["step"] += 1
         state["adam_step"] += 1
         t, (beta1, beta2), eps = state["adam_step"], group["betas"], group["eps"]
-        lr, wd = group["lr"], group["weight_decay"]
-
-        def update(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> None:
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            N, factor = moments.normalized(m, v, t, beta1, beta2, eps, self.form)
-            if wd != 0:
-                w.mul_(1 - lr * wd)
-            w.add_(N.to(w.dtype), alpha=-lr * factor)
-
-        return update
+        bc1, bc2 = 1 - beta1**t, 1 - beta2**t
+        # moments.normalized's two forms: N = m / (sqrt(v) / s + eps), update lr·f·N
+        scale, factor = (1.0, math.sqrt(bc2) / bc1) if self.form == "hf" else (math.sqrt(bc2), 1.0 / bc1)
+        return DenseAdamStep("direction", beta1, beta2, eps, group["lr"], group["weight_decay"],
+                             step_size=-group["lr"] * factor, denom_scale=scale, t=t, normalized_form=self.form)
 
     # -- introspection ---------------------------------------------------------------------------
     def state_bytes(self) -> int:
@@ -193,6 +189,22 @@ class SubspaceAdam(ParamwiseOptimizer):
 
     def svd_fallbacks(self) -> int:
         return sum(s.get("svd_fallbacks", 0) for s in self.state.values())
+
+
+@dataclass(frozen=True)
+class DenseAdamStep(AdamStep):
+    """The plain Adam of the parameters that are not projected (same form and LR as the projected ones)."""
+
+    t: int = 1  # Adam's step since the moments were last zeroed
+    normalized_form: str = "hf"  # moments.normalized's form
+
+    def __call__(self, w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> None:
+        m.lerp_(g, 1 - self.beta1)
+        v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+        N, factor = moments.normalized(m, v, self.t, self.beta1, self.beta2, self.eps, self.normalized_form)
+        if self.weight_decay != 0:
+            w.mul_(1 - self.lr * self.weight_decay)
+        w.add_(N.to(w.dtype), alpha=-self.lr * factor)
 
 
 def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -11,11 +11,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lrpretrain import comm
+from lrpretrain import comm, kernels
 from lrpretrain.config import Config
 from lrpretrain.data import TokenStream, ValidationSet, has_validation, load_tokenizer
 from lrpretrain.distributed.strategy import Strategy, build_strategy
 from lrpretrain.errors import ConfigError
+from lrpretrain.kernels.adam import fused_adam_step
 from lrpretrain.methods import Method, get_method
 from lrpretrain.metrics import MetricsLogger
 from lrpretrain.model import build_model, cast_parameters
@@ -78,6 +79,13 @@ def _build(cfg: Config, resolved: DictConfig, strategy: Strategy, device: torch.
     """``notes``: warnings from before the logger existed (taking the run directory's lock)."""
     r, w = strategy.rank, strategy.world_size
     run_dir = Path(cfg.run.dir)
+    cuda = device.type == "cuda"
+    why = kernels.refusal(cfg.trainer.kernels, cuda)
+    if why is not None:
+        raise ConfigError(why)
+    choice = kernels.choose(cfg.trainer.kernels, cuda)
+    if choice.note:
+        notes = [*notes, choice.note]
 
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.eos_token, cfg.data.pad_token)
     if tokenizer.vocab_needed > cfg.model.vocab_size:
@@ -91,11 +99,14 @@ def _build(cfg: Config, resolved: DictConfig, strategy: Strategy, device: torch.
 
     # Model, method and optimizer before the run directory: a combination they refuse leaves nothing behind.
     plugin = get_method(cfg.method.name)(cfg.method, cfg.model)
+    plugin.kernels = "triton" if choice.triton else "torch"  # its modules' fused ops (lrpretrain/kernels)
     model = strategy.build_model(model_builder(cfg, plugin))
     optimizer = strategy.build_optimizer(model, lambda: plugin.build_optimizer(plugin.param_groups(model, cfg.optim),
                                                                                cfg.optim))
     if cfg.trainer.precision == "pure_bf16":
         attach_bf16_update(optimizer, cfg.trainer.bf16_update, cfg.seed)
+    if choice.triton and isinstance(optimizer, ParamwiseOptimizer):  # element-wise steps in one kernel a piece
+        optimizer.fused_adam = fused_adam_step
     accum = cfg.trainer.batch_size // (cfg.trainer.micro_batch_size * w)
     per_layer = PerLayerUpdate(model, optimizer, cfg.trainer.per_layer_clip, cfg.optim.grad_clip, accum,
                                graph_is_reusable(cfg.trainer.recompute), strategy) if cfg.trainer.per_layer_update else None
@@ -124,13 +135,14 @@ def _build(cfg: Config, resolved: DictConfig, strategy: Strategy, device: torch.
                     "amx_bf16 or Arm's bf16): its bf16 matmuls are emulated and far slower than fp32")
     cost = plugin.cost(cfg.model, cfg.data.seq_len)
     trainer = Trainer(cfg, resolved, model, plugin, optimizer, data, val, run_dir, logger, device, accum,
-                      flops_per_token=cost["flops_per_token"], per_layer=per_layer, strategy=strategy, forward=forward)
+                      flops_per_token=cost["flops_per_token"], per_layer=per_layer, strategy=strategy, forward=forward,
+                      kernels=choice)
     logger.info(f"run {run_dir} | model {cfg.model.name} ({n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trainable) | "
                 f"method {cfg.method.name} | data {cfg.data.name} ({cfg.data.mode}, seq {cfg.data.seq_len}) | "
                 f"{cfg.trainer.batch_size} seq/update = {accum} x {cfg.trainer.micro_batch_size} x {w} | "
                 f"device {device} | {trainer.precision}"
                 f"{f' ({cfg.trainer.bf16_update} rounding of the updates)' if trainer.precision == 'pure_bf16' else ''} | "
-                f"distributed.strategy={strategy.name}")
+                f"distributed.strategy={strategy.name} | kernels {choice.name}")
     if cfg.trainer.recompute != "none":
         k = cfg.trainer.recompute_every
         which = "" if cfg.trainer.recompute == "method" else " (every block)" if k == 1 else f" (blocks 0, {k}, {2 * k}, ...)"

@@ -27,7 +27,19 @@ import torch
 from lrpretrain.comm import all_reduce_sum
 from lrpretrain.config import EvalConfig
 from lrpretrain.data import ValidationSet
-from lrpretrain.model import lm_loss
+from lrpretrain.model import HeadLoss, lm_loss
+
+
+def batch_loss(forward: Callable[..., torch.Tensor], ids: torch.Tensor, labels: torch.Tensor,
+               head_loss: HeadLoss | None, autocast: Callable[[], AbstractContextManager]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token loss, number of targets) of one batch: from the model's logits (``lm_loss``), or
+    through ``head_loss``, which applies the LM head itself and never holds the whole logits
+    (``trainer.kernels``, :mod:`lrpretrain.kernels.head_loss`)."""
+    with autocast():
+        out = forward(ids) if head_loss is None else forward(ids, labels=labels, head_loss=head_loss)
+    if head_loss is None:
+        return lm_loss(out, labels)
+    return out, (labels[:, 1:] != -100).sum()
 
 
 def _ppl(loss: float) -> float:
@@ -35,16 +47,14 @@ def _ppl(loss: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], val: ValidationSet, batch_size: int,
+def evaluate(forward: Callable[..., torch.Tensor], val: ValidationSet, batch_size: int,
              cfg: EvalConfig, device: torch.device, autocast: Callable[[], AbstractContextManager],
-             world_size: int = 1) -> dict[str, float]:
+             world_size: int = 1, head_loss: HeadLoss | None = None) -> dict[str, float]:
     total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, target tokens
     galore = cfg.protocol == "galore"
     g_sum, g_batches, g_tokens = 0.0, 0, 0  # sum of batch means, batches, estimated global tokens
     for ids, labels in val.batches(batch_size):
-        with autocast():
-            logits = forward(ids.to(device))
-        loss_sum, n = lm_loss(logits, labels.to(device))
+        loss_sum, n = batch_loss(forward, ids.to(device), labels.to(device), head_loss, autocast)
         total += torch.stack([loss_sum.double(), n.double()])
         if galore and g_tokens <= cfg.galore_tokens:
             g_sum += float(loss_sum) / max(int(n), 1)

@@ -30,11 +30,12 @@ from lrpretrain.config import Config
 from lrpretrain.data import TokenStream, ValidationSet
 from lrpretrain.distributed.strategy import Strategy
 from lrpretrain.errors import UserError
+from lrpretrain.kernels import KernelChoice
+from lrpretrain.kernels.head_loss import head_loss
 from lrpretrain.methods import Method, StepContext
 from lrpretrain.metrics import MetricsLogger, peak_memory_mb, reset_peak_memory
-from lrpretrain.model import lm_loss
 from lrpretrain.optim import lr_factor
-from lrpretrain.train.evaluate import evaluate
+from lrpretrain.train.evaluate import batch_loss, evaluate
 from lrpretrain.train.per_layer import PerLayerUpdate
 from lrpretrain.train.rng import rng_state, set_rng_state
 
@@ -58,7 +59,8 @@ class Trainer:
                  optimizer: torch.optim.Optimizer, data: TokenStream, val: ValidationSet | None,
                  run_dir: Path, logger: MetricsLogger, device: torch.device, accum_steps: int,
                  flops_per_token: float = 0.0, per_layer: PerLayerUpdate | None = None,
-                 strategy: Strategy | None = None, forward: nn.Module | None = None):
+                 strategy: Strategy | None = None, forward: nn.Module | None = None,
+                 kernels: KernelChoice | None = None):
         self.cfg, self.tcfg = cfg, cfg.trainer
         self.resolved = resolved
         self.model = model  # unwrapped: what the method's hooks and checkpoints see
@@ -83,6 +85,9 @@ class Trainer:
         bf16 = self.precision == "bf16"
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
         self._stop_signal: str | None = None
+        # trainer.kernels as resolved for the device: the loss (head_loss None: from the whole logits)
+        self.kernels = kernels or KernelChoice(False, "full")
+        self.head_loss = head_loss(self.kernels.head_loss)
 
     # -- state -------------------------------------------------------------------------------
     def train_state(self) -> dict[str, Any]:
@@ -191,9 +196,8 @@ class Trainer:
 
     def _loss(self, b) -> torch.Tensor:
         """Forward one micro-batch: the summed loss over its target tokens."""
-        with self.autocast():
-            logits = self.forward(b.input_ids.to(self.device, non_blocking=True))
-        return lm_loss(logits, b.labels.to(self.device, non_blocking=True))[0]
+        return batch_loss(self.forward, b.input_ids.to(self.device, non_blocking=True),
+                          b.labels.to(self.device, non_blocking=True), self.head_loss, self.autocast)[0]
 
     def _nonfinite(self, step: int, loss: float, grad_norm: float, stepped: int = 0) -> None:
         self.state.nonfinite += 1
@@ -216,7 +220,7 @@ class Trainer:
         assert self.val is not None
         self.model.eval()
         return evaluate(self.forward, self.val, self.tcfg.eval_batch_size or self.tcfg.micro_batch_size,
-                        self.cfg.eval, self.device, self.autocast, world_size())
+                        self.cfg.eval, self.device, self.autocast, world_size(), self.head_loss)
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
