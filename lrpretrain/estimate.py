@@ -193,7 +193,7 @@ def estimate(cfg: Config, budget: float | None = None, precision: str | None = N
     if module_temp:  # a module's backward (a weight rebuilt from codes) beside the activations and the head's gradient
         moments["module backward"] = activations - log_softmax + max(earlier, 0.0 if in_backward else head_grad) \
             + module_temp
-    second = plugin.second_pass_bytes(mc, T, t.recompute, t.recompute_every, precision, wb)
+    second = plugin.second_pass_bytes(mc, T, t.recompute, t.recompute_every, precision, wb, fused_loss=fused)
     if second is not None:  # a second forward and backward inside the optimizer's step (DLRT's S-step)
         saved2, held = tokens * second[0] + cast, second[1]
         moments["second forward"] = saved2 + fwd_t + held

@@ -91,7 +91,8 @@ MEASURED = [
     ["method=crnet", "method.rank=32", "trainer.recompute=method", "trainer.per_layer_update=true"],
     ["method=full", "trainer.batch_size=4", "trainer.per_layer_update=true"],
     ["method=cola_m", "method.rank=32", "trainer.precision=bf16"],  # autocast's cached bf16 weight copies
-    ["method=dlrt", "method.rank=16"],  # the peak is in the S-step's second forward (dense gradients held)
+    # the whole-logits loss: the peak is in the S-step's second forward (dense gradients held)
+    ["method=dlrt", "method.rank=16", "trainer.kernels=torch"],
     ["method=loro", "method.rank=16", "trainer.per_layer_update=true"],
     # pure bf16: DLRT's fp32 integrator beside bf16 factors; LORO measured at its exact step (update index 3)
     ["method=dlrt", "method.rank=16", "trainer.precision=pure_bf16", "trainer.bf16_update=kahan"],

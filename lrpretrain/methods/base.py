@@ -270,13 +270,14 @@ class Method:
         return total
 
     def second_pass_bytes(self, model_cfg: ModelConfig, seq_len: int, recompute: str, recompute_every: int,
-                          precision: str, grad_bytes: float) -> tuple[float, float] | None:
+                          precision: str, grad_bytes: float, fused_loss: bool = False) -> tuple[float, float] | None:
         """For a method whose optimizer runs a second forward and backward inside its step (one that
         ``reevaluates``, DLRT's S-step), for ``lrpretrain estimate``: (bytes per token that this forward
         saves for its backward, the embedding, head and loss included; bytes held through it beside the
         weights and the optimizer states: gradients of the first pass kept for later, the step's own
         tensors). ``precision``: ``fp32``, ``bf16`` or ``pure_bf16``; ``grad_bytes``: bytes per gradient
-        entry. None (the default): no second pass."""
+        entry; ``fused_loss``: the loss is a fused head loss (``trainer.kernels``: no logits; it keeps its
+        gradients instead, lrpretrain/kernels/head_loss.py). None (the default): no second pass."""
         return None
 
     def layer_extra_values(self, model_cfg: ModelConfig) -> float:

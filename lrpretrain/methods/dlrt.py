@@ -528,20 +528,23 @@ class DLRT(Method):
         return (min(m, 2 * r), min(n, 2 * r)) if self.cfg.integrator == "adaptive" else (r, r)
 
     def second_pass_bytes(self, model_cfg: ModelConfig, seq_len: int, recompute: str, recompute_every: int,
-                          precision: str, grad_bytes: float) -> tuple[float, float]:
+                          precision: str, grad_bytes: float, fused_loss: bool = False) -> tuple[float, float]:
         """The S-step's forward runs with every parameter frozen: per layer it saves 6d + 3f + H + 2 values
         per token and x·V̂ (c_v values) per target, outside the layers only the loss's log-softmax and
-        targets (fp32, no recomputation: measured on torch 2.13, tests/test_estimate.py); other precisions
-        and recomputation policies take the first pass's figure. Held through it: the dense parameters'
+        targets, or with a fused head loss its ∂h (fp32, no recomputation: measured on torch 2.13,
+        tests/test_estimate.py); other precisions and recomputation policies take the first pass's figure. Held through it: the dense parameters'
         gradients (stepped after it), Û, V̂, S̃ and its gradient, S's moments at the augmented size."""
         d, f, H, T = model_cfg.dim, model_cfg.ffn_dim, model_cfg.n_heads, seq_len
         shapes = list(target_shapes(model_cfg, list(self.cfg.targets)).values())
+        # a fused head loss keeps ∂h only (the head is frozen: no ∂W), a plain one the log-softmax and targets
+        loss = (2.0 if precision == "pure_bf16" else 4.0) * d if fused_loss else \
+            (4.0 * model_cfg.vocab_size + 8.0) * (T - 1) / T
         if recompute == "none" and precision == "fp32":
             layer = 6 * d + 3 * f + H + 2 + sum(self._augmented(m, n)[1] for m, n in shapes)
-            saved = 4.0 * model_cfg.n_layers * layer + (4.0 * model_cfg.vocab_size + 8.0) * (T - 1) / T
+            saved = 4.0 * model_cfg.n_layers * layer + loss
         else:
             saved = self.activation_bytes(model_cfg, recompute, recompute_every, precision) + \
-                outside_layers_bytes(model_cfg, T, precision)
+                outside_layers_bytes(model_cfg, T, precision, fused_loss=fused_loss) + (loss if fused_loss else 0.0)
         r = self.cfg.bound
         ours = sum(r * (m + n) + r * r for m, n in shapes) * model_cfg.n_layers
         held = grad_bytes * (self.cost(model_cfg, T)["trainable_params"] - ours)
