@@ -33,12 +33,13 @@ optimizer-state refresh after an exact update and the LR restart belong to the p
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lrpretrain.optim import moments
-from lrpretrain.optim.base import ElementwiseUpdate, ParamwiseOptimizer, adam_defaults
+from lrpretrain.optim.base import AdamStep, ParamwiseOptimizer, adam_defaults
 from lrpretrain.optim.bf16 import Writer
 
 
@@ -87,6 +88,20 @@ def riemannian_step(B: torch.Tensor, A: torch.Tensor, dB: torch.Tensor, dA: torc
     return basis_b @ (u[:, :r] * root), (root[:, None] * vh[:r]) @ basis_a.T
 
 
+@dataclass(frozen=True)
+class LOROAdamStep(AdamStep):
+    """LOROAdamW's element-wise step (the reference's Adam, transformers' form): p <- p(1 - lr·λ), then
+    p <- p - lr·s·f·m/(√v + eps), s the lazy scale of the factors (1 for the other parameters), f =
+    √(1 - β₂ᵗ)/(1 - β₁ᵗ): the ``direction`` form of the fused kernel (``trainer.kernels``) with α = -lr·s·f."""
+
+    def __call__(self, w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> None:
+        if self.weight_decay != 0:
+            w.mul_(1 - self.lr * self.weight_decay)
+        m.lerp_(g, 1 - self.beta1)
+        v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+        w.add_(m / (v.sqrt() + self.eps), alpha=self.step_size)
+
+
 class LOROAdamW(ParamwiseOptimizer):
     """Adam (the reference's arithmetic) for every group; groups with ``loro=True`` hold factor pairs (see
     the module docstring) and step lazily or exactly."""
@@ -119,26 +134,17 @@ class LOROAdamW(ParamwiseOptimizer):
     def elementwise(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
         return not self._exact(group)  # Adam steps (lazy or dense) run in pieces, rounded piece by piece
 
-    def begin_elementwise(self, p: torch.Tensor, group: dict[str, Any]) -> ElementwiseUpdate:
-        """A plain Adam step (the factors' lazy one at lr·(r/d)) in the reference's arithmetic:
-        p <- p(1 - lr·λ), then p <- p - lr·s·f·m/(√v + eps)."""
+    def begin_elementwise(self, p: torch.Tensor, group: dict[str, Any]) -> LOROAdamStep:
+        """A plain Adam step (the factors' lazy one at lr·(r/d)) in the reference's arithmetic."""
         state = self.state[p]
         if not moments.has_moments(state):
             moments.init_moments(state, p, group["state_bits"])
         state["adam_step"] += 1
-        beta1, beta2 = group["betas"]
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-        f = math.sqrt(1 - beta2 ** state["adam_step"]) / (1 - beta1 ** state["adam_step"])
-        alpha = -lr * (group["lazy_scale"] if group.get("loro") else 1.0)
-
-        def update(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> None:
-            if wd:
-                w.mul_(1 - lr * wd)
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            w.add_((m / (v.sqrt() + eps)).mul_(f), alpha=alpha)
-
-        return update
+        t, (beta1, beta2) = state["adam_step"], group["betas"]
+        f = math.sqrt(1 - beta2**t) / (1 - beta1**t)
+        scale = group["lazy_scale"] if group.get("loro") else 1.0
+        return LOROAdamStep("direction", beta1, beta2, group["eps"], group["lr"], group["weight_decay"],
+                            step_size=-group["lr"] * scale * f, denom_scale=1.0)
 
     def step_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         if not self._exact(group):
