@@ -100,6 +100,9 @@ def run_one(method: str, overrides: list[str], run_dir: Path, skip: int) -> dict
         "mean_tokens_per_s": tokens_per_update * len(steady) / sum(r["step_time"] for r in steady),
     })
     row.update(count_parameters(overrides))
+    if "ranks" in train[-1]:  # a rank-adaptive method (DLRT): every target's rank after the last update, and
+        row["final_ranks"] = train[-1]["ranks"]  # the trajectory (step, mean, min, max rank) of every update
+        row["rank_trajectory"] = [(r["step"], r["rank_mean"], min(r["ranks"]), max(r["ranks"])) for r in train]
     row.update(stored_bytes(run_dir))
     return row
 
@@ -137,6 +140,13 @@ def markdown(result: dict) -> str:
                      f"{r['params'] / 1e6:.2f}M | {mib(r, 'weight_bytes')} | {mib(r, 'optimizer_state_bytes')} | "
                      f"{r['median_step_s']:.2f} s | {r['median_tokens_per_s']:,.0f} | "
                      f"{r['flops_per_token'] / 1e9:.4f} | {r['loadavg_before'][0]:.1f} |")
+    for r in result["rows"]:
+        if "final_ranks" in r:
+            traj = r["rank_trajectory"]
+            marks = sorted({0, len(traj) // 4, len(traj) // 2, 3 * len(traj) // 4, len(traj) - 1})
+            lines += ["", f"{r['method']}: final rank of every target (model order) {r['final_ranks']}; mean rank "
+                      "(min-max) after update " + ", ".join(f"{traj[i][0]}: {traj[i][1]:.1f} ({traj[i][2]}-{traj[i][3]})"
+                                                          for i in marks)]
     return "\n".join(lines) + "\n"
 
 

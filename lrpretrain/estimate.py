@@ -39,6 +39,9 @@ Peak = weights + optimizer states + the largest of these moments of an update:
   module backward:     for a method whose modules hold temporaries of their own (a weight rebuilt from
                        quantized codes, ``module_temp_bytes``): activations + the LM head's gradient
                        (global step) + those temporaries
+  second forward/backward (a method whose optimizer evaluates the loss again inside its step, DLRT):
+                       that pass's activations and transients + what the method holds through it
+                       (:meth:`~lrpretrain.methods.Method.second_pass_bytes`)
 """
 
 from __future__ import annotations
@@ -90,7 +93,8 @@ class Estimate:
     activations: float  # saved for the backward of one micro-batch (incl. autocast's weight copies)
     transients: float  # beside the rest at the peak moment (logits copies, optimizer temporaries)
     peak: float
-    peak_at: str  # end of forward | start of backward | optimizer step | module backward
+    peak_at: str  # end of forward | start of backward | optimizer step | module backward | second forward
+    # | second backward
     budget: float | None = None
     quantized_params: float = 0.0  # weights stored quantized in buffers (LoQT, Q-GaLore), not in ``params``
 
@@ -194,12 +198,18 @@ def estimate(cfg: Config, budget: float | None = None, precision: str | None = N
     if module_temp:  # a module's backward (a weight rebuilt from codes) beside the activations and the head's gradient
         moments["module backward"] = activations - log_softmax + max(earlier, 0.0 if in_backward else head_grad) \
             + module_temp
+    second = plugin.second_pass_bytes(mc, T, t.recompute, t.recompute_every, precision, wb, fused_loss=fused)
+    if second is not None:  # a second forward and backward inside the optimizer's step (DLRT's S-step)
+        saved2, held = tokens * second[0] + cast, second[1]
+        moments["second forward"] = saved2 + fwd_t + held
+        moments["second backward"] = saved2 - log_softmax + bwd_t + held
     peak_at = max(moments, key=moments.__getitem__)
     static = weights + states
     peak = static + moments[peak_at]
     gradients_at_peak = {"end of forward": earlier, "start of backward": max(earlier, head_grad),
                          "optimizer step": all_grads,
-                         "module backward": max(earlier, 0.0 if in_backward else head_grad)}[peak_at]
+                         "module backward": max(earlier, 0.0 if in_backward else head_grad)}.get(
+                             peak_at, second[1] if second else 0.0)
     transients = moments[peak_at] - gradients_at_peak - (activations if peak_at != "optimizer step" else 0.0)
     transients = max(transients, 0.0)
     return Estimate(model=mc.name, method=cfg.method.name, micro_batch_size=B, seq_len=T, accumulation=accum,

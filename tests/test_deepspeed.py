@@ -40,6 +40,8 @@ REFUSED = [
     (["method=switchlora", "method.rank=8"], "method 'switchlora' cannot run under distributed=deepspeed: its optimizer"),
     (["method=galore", "method.rank=8"], "method 'galore' cannot run under distributed=deepspeed: its optimizer needs"),
     (["method=fira", "method.rank=8"], "method 'fira' cannot run under distributed=deepspeed: its optimizer needs"),
+    (["method=loro", "method.rank=8"], "method 'loro' cannot run under distributed=deepspeed: its optimizer needs"),
+    (["method=dlrt", "method.rank=8"], "method 'dlrt' cannot run under distributed=deepspeed: its optimizer needs"),
     (["method=gradnorm_lorp", "method.rank=8"],
      "method 'gradnorm_lorp' cannot run under distributed=deepspeed: its optimizer needs"),
     (["optim.state_bits=8"], "optim.state_bits=8 cannot run under distributed=deepspeed"),

@@ -30,6 +30,7 @@ CRNET = ["method=crnet", "method.rank=8"]
 LR_QAT = ["method=lr_qat", "method.rank=8", "optim.lr=0.01"]
 RELORA = ["method=relora", "method.rank=8", "method.lora_dropout=0", "method.merge_every=2",
           "method.restart_warmup_steps=0"]
+LORO = ["method=loro", "method.rank=8", "method.exact_every=2", "method.restart_warmup_steps=1"]  # exact at 2, 4
 LOST = ["method=lost", "method.rank=8", "method.sparsity=0.1"]  # its SVD surgery runs on the meta device
 GRADNORM = ["method=gradnorm_lorp", "method.rank=8", "method.update_proj_gap=2"]
 PER_LAYER = ["trainer.per_layer_update=true"]
@@ -79,6 +80,9 @@ def runs(tmp_path_factory, corpus) -> Path:
         job("refused_rundir", "distributed=ddp", "trainer.resume=never", run="ddp"),
         job("refused_method", "distributed=fsdp2", "method=crnet", "method.rank=8", "trainer.recompute=method"),
         job("fsdp2_crnet", "distributed=fsdp2", *CRNET),
+        job("ddp_loro", "distributed=ddp", *LORO),
+        job("ddp_loro_pl", "distributed=ddp", *LORO, *PER_LAYER),
+        job("ddp_loro_pure_pl", "distributed=ddp", *LORO, *PURE, *PER_LAYER),
         # pure bf16: bf16 parameters sharded as they are (no mixed-precision policy), stochastic rounding of
         # each shard's update (bits by position: as one process rounds), per-layer updates, DDP
         job("fsdp2_pure", "distributed=fsdp2", *PURE),
@@ -104,8 +108,8 @@ def single(tmp_path_factory, corpus) -> Path:
     from lrpretrain.cli.main import main
 
     root = tmp_path_factory.mktemp("single")
-    for name, args in {"full": [], "galore": GALORE, "relora": RELORA, "crnet": CRNET, "lost": LOST,
-                       "gradnorm": GRADNORM, "pure": PURE, "lr_qat": LR_QAT,
+    for name, args in {"full": [], "galore": GALORE, "relora": RELORA, "crnet": CRNET, "loro": LORO,
+                       "loro_pure": [*LORO, *PURE], "lost": LOST, "gradnorm": GRADNORM, "pure": PURE, "lr_qat": LR_QAT,
                        "pure_kahan": [*PURE, "trainer.bf16_update=kahan"]}.items():
         assert main(["train", *COMMON, f"run.dir={root / name}", *args]) == 0
     return root
@@ -147,6 +151,16 @@ def test_relora_merges_under_fsdp2(runs, single):
 def test_crnet_under_fsdp2(runs, single):
     """CR-Net's cross-layer carries pass between sharded blocks; its 1-element gates β are sharded too."""
     assert close(losses(runs / "fsdp2_crnet"), losses(single / "crnet"))
+
+
+def test_loro_under_ddp(runs, single):
+    """Identical replicas take identical exact Riemannian steps; per-layer updates pair the factors after
+    each gradient's all-reduce."""
+    assert close(losses(runs / "ddp_loro"), losses(single / "loro"))
+    assert close(losses(runs / "ddp_loro_pl"), losses(runs / "ddp_loro"), 1e-6)
+    # pure bf16: each factor rounded once per update by its own key on every replica (bf16 gradient sums
+    # differ from one process's in order only: the pure-bf16 tolerance)
+    assert close(losses(runs / "ddp_loro_pure_pl"), losses(single / "loro_pure"), 2e-3)
 
 
 def test_lr_qat_under_fsdp2_and_ddp(runs, single):

@@ -28,6 +28,12 @@ TWO = ["model=llama_tiny", "trainer.batch_size=4", "trainer.micro_batch_size=2"]
     (["distributed=fsdp2", "method=sst", "method.rank=8"], 2, "method=sst is not supported with distributed.strategy=fsdp2"),
     (["distributed=fsdp2", "method=crnet", "method.rank=8", "trainer.recompute=method"], 2,
      "method=crnet is not supported with distributed.strategy=fsdp2: its recomputation (trainer.recompute=method)"),
+    (["distributed=ddp", "method=dlrt", "method.rank=8"], 2,
+     "method=dlrt is not supported with distributed.strategy=ddp: its integrator changes the parameters' shapes"),
+    (["distributed=fsdp2", "method=dlrt", "method.rank=8"], 2,
+     "method=dlrt is not supported with distributed.strategy=fsdp2: its integrator changes the parameters' shapes"),
+    (["distributed=fsdp2", "method=loro", "method.rank=8"], 2,
+     "method=loro is not supported with distributed.strategy=fsdp2: its exact Riemannian step takes QR"),
     (["distributed=fsdp2", "model.tie_embeddings=true"], 2,
      "model.tie_embeddings=true is not supported with distributed.strategy=fsdp2"),
 ])
@@ -41,6 +47,7 @@ def test_every_other_method_passes_config_under_ddp_and_fsdp2():
     for strategy in ("ddp", "fsdp2"):
         load_config([*TWO, f"distributed={strategy}", "method=galore", "method.rank=8"], world_size=2)
     load_config([*TWO, "distributed=ddp", "method=switchlora", "method.rank=8"], world_size=2)
+    load_config([*TWO, "distributed=ddp", "method=loro", "method.rank=8"], world_size=2)
     for strategy in ("ddp", "fsdp2"):
         for method in (["method=lost", "method.rank=8"], ["method=gradnorm_lorp", "method.rank=8"]):
             load_config([*TWO, f"distributed={strategy}", *method], world_size=2)

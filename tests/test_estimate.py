@@ -18,9 +18,9 @@ from lrpretrain.train.recompute import apply_recompute
 
 BUILTIN = ["full", "galore", "galore_dct", "fira", "apollo", "apollo_mini", "frugal", "lowrank", "lora", "relora",
            "periodic_lora", "sltrain", "switchlora", "sst", "cola", "cola_m", "crnet", "lost", "gradnorm_lorp", "loqt",
-           "q_galore", "lr_qat"]
+           "q_galore", "lr_qat", "dlrt", "loro"]
 HAS_RANK = {"lowrank", "lora", "relora", "periodic_lora", "sltrain", "switchlora", "sst", "cola", "cola_m", "crnet",
-            "lost", "q_galore", "lr_qat"}
+            "lost", "q_galore", "lr_qat", "dlrt", "loro"}
 SMALL = ["model=llama_tiny", "data.seq_len=64", "trainer.batch_size=2", "trainer.micro_batch_size=2",
          "trainer.threads=1"]
 
@@ -91,6 +91,13 @@ MEASURED = [
     ["method=crnet", "method.rank=32", "trainer.recompute=method", "trainer.per_layer_update=true"],
     ["method=full", "trainer.batch_size=4", "trainer.per_layer_update=true"],
     ["method=cola_m", "method.rank=32", "trainer.precision=bf16"],  # autocast's cached bf16 weight copies
+    # the whole-logits loss: the peak is in the S-step's second forward (dense gradients held)
+    ["method=dlrt", "method.rank=16", "trainer.kernels=torch"],
+    ["method=loro", "method.rank=16", "trainer.per_layer_update=true"],
+    # pure bf16: DLRT's fp32 integrator beside bf16 factors; LORO measured at its exact step (update index 3)
+    ["method=dlrt", "method.rank=16", "trainer.precision=pure_bf16", "trainer.bf16_update=kahan"],
+    ["method=loro", "method.rank=16", "method.exact_every=4", "method.restart_warmup_steps=1",
+     "trainer.precision=pure_bf16"],
     # pure bf16: bf16 weights and gradients, fp32 working copies of the stepped weight (chunked steps)
     ["method=full", "trainer.precision=pure_bf16"],
     ["method=galore", "method.rank=32", "method.state_bits=8", "trainer.per_layer_update=true",

@@ -316,7 +316,8 @@ def _ulps_bf16(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @needs_triton
-@pytest.mark.parametrize("case", ["fp32", "galore_dense", "pure_bf16_stochastic", "pure_bf16_kahan", "8bit"])
+@pytest.mark.parametrize("case", ["fp32", "galore_dense", "loro_dense", "pure_bf16_stochastic", "pure_bf16_kahan",
+                                  "8bit"])
 def test_optimizer_with_the_fused_step_equals_the_pytorch_step(case):
     """Through ParamwiseOptimizer.elementwise_step (pieces of CHUNK entries, the trainer's hook), three
     steps: the moments m, v as the PyTorch step's; the weights to an fp32 ulp (PyTorch's CPU square root
@@ -336,6 +337,10 @@ def test_optimizer_with_the_fused_step_equals_the_pytorch_step(case):
             from lrpretrain.optim.galore import GaLoreAdamW
 
             opt = GaLoreAdamW([{"params": params}], lr=1e-2, weight_decay=0.1)
+        elif case == "loro_dense":  # LOROAdamW's Adam (the reference's form) of its non-factor parameters
+            from lrpretrain.optim.loro import LOROAdamW
+
+            opt = LOROAdamW(params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
         else:
             opt = AdamW(params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, state_bits=8 if case == "8bit" else 32)
         if pure:
@@ -367,7 +372,8 @@ def test_optimizer_with_the_fused_step_equals_the_pytorch_step(case):
                 close(sa[k], sb[k], 1e-6)
         if "bf16_comp" in sb:  # Kahan: the same rounding errors but where a weight rounded the other way
             assert (sa["bf16_comp"] != sb["bf16_comp"]).float().mean() <= 1e-3
-        assert sa.get("bf16_updates") == sb.get("bf16_updates") and int(sa["step"]) == int(sb["step"])
+        step = "step" if "step" in sb else "adam_step"
+        assert sa.get("bf16_updates") == sb.get("bf16_updates") and int(sa[step]) == int(sb[step])
 
 
 def test_stochastic_rounding_kernel_path_uses_the_positional_bits():

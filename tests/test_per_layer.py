@@ -74,6 +74,9 @@ METHODS = {
     "sst": ["method=sst", "method.rank=8", "method.round_steps=2"],
     "cola": ["method=cola", "method.rank=8"],
     "crnet": ["method=crnet", "method.rank=8"],
+    # LORO: lazy updates 1 and 3, exact Riemannian steps at 2 and 4 (the pair's second factor moves both)
+    "loro": ["method=loro", "method.rank=8", "method.exact_every=2", "method.restart_warmup_steps=1"],
+    # (DLRT is refused at config time: its integrator needs every layer's K- and L-step before the S-step)
     # quantized weights: LoQT's full gradient of W at updates 0 and 2 (taken in the first of the two
     # backward passes) and merges after them; Q-GaLore's INT8 weights rounded stochastically
     "loqt": ["method=loqt", "method.rank=8", "method.update_proj_gap=2", "method.compensation_iterations=2",

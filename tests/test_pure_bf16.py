@@ -20,6 +20,7 @@ import lrpretrain.train
 from lrpretrain.optim import AdamW, GaLoreAdamW
 from lrpretrain.optim import base as optim_base
 from lrpretrain.optim.bf16 import Bf16Update, rounding_bits, stochastic_round
+from lrpretrain.optim.loro import LOROAdamW
 from lrpretrain.optim.projector import SVDBasis
 from lrpretrain.train import build_trainer, load_config
 
@@ -28,6 +29,7 @@ from conftest import TINY, losses, read_metrics
 RANKED = HAS_RANK | {"galore", "galore_dct", "fira", "apollo", "gradnorm_lorp", "loqt"}  # method.rank=8 fits llama_tiny
 # quantized weights' storage (LoQT, Q-GaLore): fp32 absmax/scales/minima and LoQT's bf16 projection
 QUANT_SCALES = ("_absmax", "_absmax_scale", "_absmax_offset", "_scales", "_mins", "proj_bf16")
+BASES = (".U", ".V")  # DLRT's orthonormal bases: fp32 buffers (lrpretrain/methods/dlrt.py)
 PURE = ["trainer.precision=pure_bf16"]
 SMALL = ["model=llama_tiny", "data.seq_len=32", "trainer.batch_size=2", "trainer.micro_batch_size=2",
          "trainer.threads=1", "data.val_tokens=0", "trainer.eval_at_start=false", "logging.progress=none"]
@@ -128,7 +130,7 @@ def _step_twice(make_opt, weights: list[torch.Tensor], grads: list[torch.Tensor]
     return params, opt
 
 
-@pytest.mark.parametrize("case", ["adamw", "adamw_8bit", "galore_dense", "pure_stochastic", "pure_kahan"])
+@pytest.mark.parametrize("case", ["adamw", "adamw_8bit", "galore_dense", "loro_8bit", "pure_stochastic", "pure_kahan"])
 def test_chunked_elementwise_step_equals_the_whole_tensor_step(monkeypatch, case):
     g = torch.Generator().manual_seed(0)
     dtype = torch.bfloat16 if case.startswith("pure") else torch.float32
@@ -137,6 +139,8 @@ def test_chunked_elementwise_step_equals_the_whole_tensor_step(monkeypatch, case
     rule = case.split("_")[1] if case.startswith("pure") else None
     if case == "galore_dense":  # GaLore's plain-Adam groups (embeddings, norms): SubspaceAdam's own form
         make = lambda ps: GaLoreAdamW([{"params": ps}], SVDBasis())  # noqa: E731
+    elif case == "loro_8bit":  # LOROAdamW's Adam (the reference's arithmetic) for its non-factor parameters
+        make = lambda ps: LOROAdamW(ps, lr=1e-2, weight_decay=0.1, state_bits=8)  # noqa: E731
     else:
         make = lambda ps: AdamW(ps, lr=1e-2, weight_decay=0.1, state_bits=8 if case == "adamw_8bit" else 32)  # noqa: E731
     whole, opt_whole = _step_twice(make, weights, grads, rule)
@@ -173,7 +177,8 @@ def test_dtypes_of_parameters_gradients_and_states(corpus, tmp_path, name, one_t
         buffers = dict(trainer.model.named_buffers())
         assert buffers["rope_cos"].dtype == torch.float32
         assert all(not b.is_floating_point() for n, b in buffers.items()
-                   if not n.startswith("rope_") and not n.endswith(QUANT_SCALES))
+                   if not n.startswith("rope_") and not n.endswith(QUANT_SCALES + BASES))
+        assert all(b.dtype == torch.float32 for n, b in buffers.items() if n.endswith(BASES))
         floats = {k: v.dtype for s in trainer.optimizer.state.values() for k, v in s.items()
                   if isinstance(v, torch.Tensor) and v.is_floating_point()}
         for key, dtype in floats.items():
@@ -235,11 +240,42 @@ def test_resume_is_exact_with_each_rounding_rule(cli, tmp_path, rule, monkeypatc
 
 
 @pytest.mark.parametrize("args", [
+    # ranks shrink by one at most updates (ϑ = 0.4 on a nearly flat spectrum of 8): the stop falls between
+    # rank changes, with Kahan buffers shaped like the factors of the moment
+    ["method=dlrt", "method.rank=8", "method.tol=0.4", "trainer.bf16_update=kahan"],
+    # the exact Riemannian step at update 3, after the stop: both factors rounded stochastically
+    ["method=loro", "method.rank=8", "method.exact_every=3", "method.restart_warmup_steps=1"],
+], ids=["dlrt_kahan", "loro"])
+def test_resume_is_exact_across_rank_changes_and_exact_steps(cli, tmp_path, args):
+    common = [*TINY, "trainer.threads=1", *PURE, "trainer.ckpt_every=2", "logging.progress=none", *args]
+    a, b = tmp_path / "a", tmp_path / "b"
+    for run, steps in ((a, 4), (b, 2), (b, 4)):
+        r = cli("train", *common, f"trainer.max_steps={steps}", f"run.dir={run}")
+        assert r.code == 0, r.err
+    assert losses(a) == losses(b) and len(losses(a)) == 4
+    ranks = [x["ranks"] for x in read_metrics(a) if "ranks" in x]
+    assert not ranks or ranks[0] != ranks[1] != ranks[3]
+    wa, wb = (load_file(str(x / "checkpoints" / "step_4" / "model.safetensors")) for x in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    sa, sb = (torch.load(x / "checkpoints" / "step_4" / "train_state.pt", weights_only=True)["optimizer"]["state"]
+              for x in (a, b))
+    for pid, s in sa.items():
+        for k, v in s.items():
+            assert torch.equal(v, sb[pid][k]) if isinstance(v, torch.Tensor) else v == sb[pid][k]
+    if "method=loro" in args:  # the refresh after update 3 restarted the moments, not the rounding's count
+        assert all(s["adam_step"] == 1 and s["bf16_updates"] == 4 for s in sa.values())
+
+
+@pytest.mark.parametrize("args", [
     ["method=full"],
     ["method=full", "optim.state_bits=8", "trainer.bf16_update=kahan"],
     ["method=galore", "method.update_proj_gap=2", "method.state_bits=8"],
     ["method=lora", "method.rank=8"],
-], ids=["full", "full_8bit_kahan", "galore_8bit", "lora"])
+    # LORO's exact steps at updates 2 and 4: the pair's second factor rounds both (stochastic, then kahan)
+    ["method=loro", "method.rank=8", "method.exact_every=2", "method.restart_warmup_steps=1"],
+    ["method=loro", "method.rank=8", "method.exact_every=2", "method.restart_warmup_steps=1",
+     "trainer.bf16_update=kahan"],
+], ids=["full", "full_8bit_kahan", "galore_8bit", "lora", "loro", "loro_kahan"])
 def test_per_layer_updates_equal_the_global_step(cli, tmp_path, args):
     ref = _run(cli, tmp_path / "ref", *PURE, *args)
     pl = _run(cli, tmp_path / "pl", *PURE, *args, "trainer.per_layer_update=true")

@@ -1,6 +1,7 @@
-"""lowrank, lora, relora, periodic_lora, sltrain, lost, gradnorm_lorp and lr_qat through the real CLI: they
-learn, resume bit for bit from a stop between merges (GradNormLoRP: between subspace refreshes), reject bad
-values with one line, and ReLoRA's warm start and first update."""
+"""lowrank, lora, relora, periodic_lora, sltrain, lost, gradnorm_lorp, lr_qat, loro and dlrt through the real
+CLI: they learn, resume bit for bit from a stop between merges (GradNormLoRP: between subspace refreshes;
+LORO: exact steps; DLRT: rank changes), reject bad values with one line, and ReLoRA's warm start and first
+update."""
 
 from __future__ import annotations
 
@@ -34,6 +35,11 @@ CASES = {
     # subspace refreshes at updates 0, 4, 8: the stop after 6 is mid-cycle
     "gradnorm_lorp": ("gradnorm_lorp", ["method.rank=16", "method.update_proj_gap=4"]),
     "lr_qat": ("lr_qat", ["method.rank=16"]),  # no merges: the resume lands between ordinary updates
+    # exact Riemannian steps (with the state refresh and the LR restart) at updates 4 and 8
+    "loro": ("loro", ["method.rank=16", "method.exact_every=4", "method.restart_warmup_steps=2"]),
+    # ranks shrink by one most updates from 16 (ϑ = 0.3 on a nearly flat spectrum): the stop at 6 falls
+    # between rank changes, so the checkpoint holds ranks other than the initial ones
+    "dlrt": ("dlrt", ["method.rank=16", "method.tol=0.3"]),
 }
 COMMON = [*TINY, "trainer.max_steps=12", "optim.lr=0.005", "trainer.ckpt_every=100", "trainer.eval_at_start=true"]
 
@@ -83,6 +89,13 @@ def test_learns_and_resumes_between_merges_bit_for_bit(cli, tmp_path, monkeypatc
     assert vals(run) == vals(ref)
     if case.startswith(("relora", "periodic")):
         assert [x["step"] for x in read_metrics(ref) if "restarts" in x] == [4, 8, 12]
+    if case == "loro":
+        assert [x["step"] for x in read_metrics(ref) if "loro_exact_steps" in x] == [4, 8, 12]
+    if case == "dlrt":  # every target's rank after every update, the same in the resumed run
+        ranks = {x["step"]: x["ranks"] for x in read_metrics(ref) if "ranks" in x}
+        assert len(ranks) == 12 and len(ranks[1]) == 14
+        assert ranks[6] != ranks[1] and ranks[12] != ranks[6]  # changed before and after the stop
+        assert {x["step"]: x["ranks"] for x in read_metrics(run) if "ranks" in x} == ranks
     if case == "relora":  # the logged LR is the base schedule x the jagged factor
         cfg, _ = load_config(args)
         plugin = get_method("relora")(cfg.method, cfg.model)

@@ -1,6 +1,7 @@
 """The reparameterization methods lowrank, lora, relora, periodic_lora and sltrain, unit by unit:
 surgery and accounting, exported function, merges and unloads, optimizer-state resets, the jagged
-schedule, and SLTrain's sparse-support gradient."""
+schedule, and SLTrain's sparse-support gradient. DLRT and LORO share the parametrized checks (their own
+unit tests: test_dlrt.py, test_loro.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from lrpretrain.methods.toolkit import parameter_counts
 from lrpretrain.model import build_model
 from lrpretrain.train import load_config
 
-METHODS = ["lowrank", "lora", "relora", "periodic_lora", "sltrain"]
+METHODS = ["lowrank", "lora", "relora", "periodic_lora", "sltrain", "dlrt", "loro"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -218,7 +218,7 @@ class DeepSpeedStrategy(Strategy):
             self.engine.step()  # inside an accumulation: only advances the engine's micro-step counter
 
     def clip_and_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float,
-                      loss_is_finite: bool) -> StepOutcome:
+                      loss_is_finite: bool, closure=None) -> StepOutcome:
         """The engine reduces, clips (``gradient_clipping``), steps, copies back and zeroes gradients;
         a non-finite gradient norm makes it skip the update."""
         self.engine.step()

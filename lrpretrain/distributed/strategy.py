@@ -32,8 +32,9 @@ What a strategy must implement (subclass :class:`Strategy`, decorate with ``@reg
   global target-token count: the reduction must *sum* over ranks; strategies whose reduction averages
   multiply by the world size). DeepSpeed: ``engine.backward``.
 - ``clip_and_step``: clip by the global gradient norm (``max_norm`` > 0), skip everything if the loss
-  or the norm is not finite, step; return a :class:`StepOutcome`. An engine that clips and steps
-  itself (DeepSpeed) calls its ``engine.step()`` here and reports its norm.
+  or the norm is not finite, step (with the trainer's ``closure`` when it passes one); return a
+  :class:`StepOutcome`. An engine that clips and steps itself (DeepSpeed) calls its ``engine.step()``
+  here and reports its norm.
 - ``save_checkpoint``/``load_checkpoint``: the whole run state. ``state`` is the trainer's dict
   (counters, schedule, method state: equal on every rank) and ``rank_state`` this rank's own (data
   position, RNGs). The strategy writes model and optimizer in its own format (safetensors + torch for
@@ -226,7 +227,8 @@ class Strategy:
         """Per-layer updates: make ``p.grad`` the global gradient before ``p`` steps (DDP reduces here)."""
 
     def clip_and_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float,
-                      loss_is_finite: bool) -> StepOutcome:
+                      loss_is_finite: bool, closure: Callable[[], float] | None = None) -> StepOutcome:
+        """``closure``: passed to ``optimizer.step`` (an optimizer that ``reevaluates``)."""
         params = [p for p in model.parameters() if p.grad is not None]
         norm = self.grad_norm([p.grad for p in params])
         if max_norm > 0:
@@ -234,7 +236,7 @@ class Strategy:
         grad_norm = float(norm)
         applied = loss_is_finite and math.isfinite(grad_norm)
         if applied:
-            optimizer.step()
+            optimizer.step() if closure is None else optimizer.step(closure)
         return StepOutcome(grad_norm, applied)
 
     def clip_(self, params: list[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:

@@ -11,7 +11,7 @@ function as one dense weight: the default export (:meth:`Method.dense_weights`) 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -95,6 +95,19 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def dense_param_groups(params: Iterable[torch.Tensor], weight_decay: float) -> list[dict[str, Any]]:
+    """Full training's groups of the trainable ``params``: matrices with weight decay, norms and vectors
+    without (a plugin with groups of its own puts the remaining parameters in these)."""
+    decay, no_decay = [], []
+    for p in params:
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
 class Method:
     """Full-rank training: the defaults of every hook."""
 
@@ -110,6 +123,12 @@ class Method:
         (one line, shown at config time), or None. Default: ``unsupported_strategies``."""
         return cls.unsupported_strategies.get(strategy)
 
+    @classmethod
+    def per_layer_refusal(cls, cfg: Any) -> str | None:
+        """Why this method cannot step one parameter at a time inside the backward
+        (``trainer.per_layer_update=true``; one line, shown at config time), or None."""
+        return None
+
     def __init__(self, cfg: MethodConfig, model_cfg: ModelConfig):
         self.cfg = cfg
         self.model_cfg = model_cfg
@@ -124,14 +143,7 @@ class Method:
 
     def param_groups(self, model: nn.Module, optim_cfg: OptimConfig) -> list[dict[str, Any]]:
         """Parameter groups for the optimizer: matrices get weight decay, norms and vectors do not."""
-        decay, no_decay = [], []
-        for p in model.parameters():
-            if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        return groups
+        return dense_param_groups(model.parameters(), optim_cfg.weight_decay)
 
     def build_optimizer(self, groups: list[dict[str, Any]], optim_cfg: OptimConfig) -> ParamwiseOptimizer:
         """A :class:`~lrpretrain.optim.ParamwiseOptimizer` (so per-layer updates can step it)."""
@@ -256,6 +268,17 @@ class Method:
             total += llama_layer_bytes(model_cfg, recompute if checkpointed else "none", precision)
             total += 0.0 if checkpointed else extra
         return total
+
+    def second_pass_bytes(self, model_cfg: ModelConfig, seq_len: int, recompute: str, recompute_every: int,
+                          precision: str, grad_bytes: float, fused_loss: bool = False) -> tuple[float, float] | None:
+        """For a method whose optimizer runs a second forward and backward inside its step (one that
+        ``reevaluates``, DLRT's S-step), for ``lrpretrain estimate``: (bytes per token that this forward
+        saves for its backward, the embedding, head and loss included; bytes held through it beside the
+        weights and the optimizer states: gradients of the first pass kept for later, the step's own
+        tensors). ``precision``: ``fp32``, ``bf16`` or ``pure_bf16``; ``grad_bytes``: bytes per gradient
+        entry; ``fused_loss``: the loss is a fused head loss (``trainer.kernels``: no logits; it keeps its
+        gradients instead, lrpretrain/kernels/head_loss.py). None (the default): no second pass."""
+        return None
 
     def layer_extra_values(self, model_cfg: ModelConfig) -> float:
         """Values per token that the method's modules save in each decoder block beyond a plain block's

@@ -28,6 +28,7 @@ from lrpretrain.methods.toolkit import (
     check_rank_for_model,
     reparameterize,
     reparameterized_cost,
+    restart_ramp,
     seeded_generator,
 )
 
@@ -135,9 +136,7 @@ class LoRAWithRestarts(LoRA):
         """The jagged schedule: after every restart (update index k·N, 0-based) the LR drops to 0 and
         ramps linearly back over ``restart_warmup_steps`` updates; 1 elsewhere. It multiplies the
         base schedule (warmup + cosine), so the ramp climbs back to the cosine envelope."""
-        n, w = self.period, self.restart_warmup_steps
-        into_cycle = step % n
-        return into_cycle / w if step >= n and into_cycle < w else 1.0
+        return restart_ramp(step, self.period, self.restart_warmup_steps)
 
     def after_step(self, ctx: StepContext) -> None:
         if ctx.step % self.period == 0:

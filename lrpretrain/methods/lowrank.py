@@ -92,11 +92,15 @@ class LowRank(Method):
         return lora_activation_values(model_cfg, self.cfg.rank, list(self.cfg.targets), self.cfg.lora_dropout)
 
     def cost(self, model_cfg: ModelConfig, seq_len: int) -> dict[str, float]:
-        r = self.cfg.rank
+        return reparameterized_cost(model_cfg, seq_len, list(self.cfg.targets), factor_cost(self.cfg.rank))
 
-        def per_target(m: int, n: int) -> tuple[float, float, float]:
-            # forward 2r(m+n) FLOPs per token, backward 4r(m+n) (input and weight grads of both factors)
-            return float(r * (m + n)), float(r * (m + n)), 6.0 * r * (m + n)
 
-        return reparameterized_cost(model_cfg, seq_len, list(self.cfg.targets), per_target)
+def factor_cost(rank: int):
+    """W = B·A with both factors trained: r(m + n) parameters; forward 2r(m+n) FLOPs per token, backward
+    4r(m+n) (input and weight grads of both factors)."""
+
+    def cost(m: int, n: int) -> tuple[float, float, float]:
+        return float(rank * (m + n)), float(rank * (m + n)), 6.0 * rank * (m + n)
+
+    return cost
 

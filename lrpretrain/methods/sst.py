@@ -49,6 +49,7 @@ from lrpretrain.methods.subspace import target_shapes
 from lrpretrain.methods.targets import TargetsConfig
 from lrpretrain.methods.toolkit import (
     check_rank,
+    compute_dtype,
     reparameterize,
     restart_optimizer_state,
 )
@@ -79,11 +80,6 @@ def sample_spectrum(sigma: torch.Tensor, rank: int, generator: torch.Generator) 
     return torch.multinomial(weights, rank, replacement=False, generator=generator).sort().values
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
 def _effective(basis: torch.Tensor, sampled: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The basis with its sampled columns replaced by their trained copies: a transient copy the size of
     the basis (under autocast the cast to ``dtype`` makes one anyway, as for any Linear's weight)."""
@@ -97,7 +93,7 @@ class _SparseSpectralLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, sigma, U_s, V_s, U, V, index, enhanced):
-        dt = _compute_dtype(x)  # autocast semantics, spelled out: matmuls in the autocast dtype
+        dt = compute_dtype(x)  # autocast semantics, spelled out: matmuls in the autocast dtype
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dt)  # (tokens, n)
             t = x2 @ _effective(V, V_s, index, dt)  # V_eff^T x: (tokens, k)

@@ -14,6 +14,8 @@
 - :func:`reparameterized_cost`: analytic params / trainable params / training FLOPs per token of a
   model whose targets are replaced, from a per-target cost (each method's ``cost()``).
 - :func:`seeded_generator`: a method's own RNG, derived from the run's seed (saved in checkpoints).
+- :func:`compute_dtype`: the matmul dtype under autocast, for custom autograd functions.
+- :func:`restart_ramp`: the LR factor of a jagged schedule (ReLoRA's restarts, LORO's cosine restarts).
 - :func:`parameter_counts` and :func:`reset_optimizer_state` (full, magnitude or random pruning of
   the optimizer's moments, as ReLoRA's restarts need); :func:`restart_optimizer_state` (forget a
   parameter's whole state, step counter included, as SST's swapped vectors need).
@@ -101,6 +103,21 @@ def seeded_generator(salt: int) -> torch.Generator:
     it and saves ``get_state()`` in ``state_dict()`` so that resume continues the same stream.
     """
     return torch.Generator().manual_seed((torch.initial_seed() + salt) % (1 << 63))
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul on ``x`` in (bf16 under bf16 autocast), else x's: for custom
+    autograd functions that spell autocast's semantics out."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def restart_ramp(step: int, period: int, warmup: int) -> float:
+    """The LR factor at update ``step`` (0-based) of a schedule restarted every ``period`` updates: at each
+    restart (update k·period, k >= 1) it drops to 0 and ramps linearly back to 1 over ``warmup`` updates;
+    1 elsewhere (the first cycle has only the base schedule's warmup). It multiplies the base schedule."""
+    into_cycle = step % period
+    return into_cycle / warmup if step >= period and into_cycle < warmup else 1.0
 
 
 # -- modules ------------------------------------------------------------------------------------------
@@ -338,7 +355,25 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[tor
     return zeroed, seen
 
 
-def restart_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> int:
+ROUNDING_STATE = ("bf16_updates", "bf16_comp")  # trainer.precision=pure_bf16's entries (lrpretrain/optim/bf16.py)
+
+
+def restart_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor],
+                            keep_rounding: bool = False) -> int:
     """Forget the optimizer's whole state of ``params`` (moments and step counter): the next update
-    starts them as new parameters, bias correction included. Returns how many had state."""
-    return sum(optimizer.state.pop(p, None) is not None for p in params)
+    starts them as new parameters, bias correction included. Returns how many had state.
+
+    ``keep_rounding``: keep the pure-bf16 rounding entries (the stochastic rounding's update count, so no
+    rounding bits are drawn twice, and the Kahan buffer, which belongs to the weight, not to the
+    moments); only for an optimizer that initialises a state by its moments' absence (LOROAdamW), not
+    by an empty state (AdamW)."""
+    n = 0
+    for p in params:
+        state = optimizer.state.pop(p, None)
+        if state is None:
+            continue
+        n += 1
+        kept = {k: state[k] for k in ROUNDING_STATE if keep_rounding and k in state}
+        if kept:
+            optimizer.state[p] = kept
+    return n

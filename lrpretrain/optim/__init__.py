@@ -10,9 +10,10 @@ from lrpretrain.optim.base import ParamwiseOptimizer
 from lrpretrain.optim.fira import FiraAdamW
 from lrpretrain.optim.frugal import FrugalAdamW
 from lrpretrain.optim.galore import GaLoreAdamW
+from lrpretrain.optim.loro import LOROAdamW
 from lrpretrain.optim.schedule import lr_factor
 from lrpretrain.optim.subspace import SubspaceAdam
 from lrpretrain.optim.vectorwise import VectorwiseAdamW
 
-__all__ = ["AdamW", "Apollo", "FiraAdamW", "FrugalAdamW", "GaLoreAdamW", "ParamwiseOptimizer", "SubspaceAdam",
+__all__ = ["AdamW", "Apollo", "FiraAdamW", "FrugalAdamW", "GaLoreAdamW", "LOROAdamW", "ParamwiseOptimizer", "SubspaceAdam",
            "VectorwiseAdamW", "lr_factor"]

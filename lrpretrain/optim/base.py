@@ -67,11 +67,25 @@ class AdamStep:
                 "step": -self.step_size if self.form == "adamw" else self.step_size, "denom_scale": self.denom_scale}
 
 
+def adam_defaults(name: str, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                  state_bits: int) -> dict[str, Any]:
+    """The default group of an Adam-family optimizer, its values checked (one ValueError naming ``name``)."""
+    if lr < 0 or eps <= 0 or not all(0 <= b < 1 for b in betas) or weight_decay < 0 or state_bits not in (8, 32):
+        raise ValueError(f"invalid {name} hyperparameters: lr={lr}, betas={betas}, eps={eps}, "
+                         f"weight_decay={weight_decay}, state_bits={state_bits}")
+    return {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "state_bits": state_bits}
+
+
 class ParamwiseOptimizer(torch.optim.Optimizer):
     """Base class: subclasses implement :meth:`step_param`."""
 
     bf16_update: Bf16Update | None = None  # set by the trainer under trainer.precision=pure_bf16
     fused_adam: FusedAdam | None = None  # set by the trainer under trainer.kernels (Triton)
+    # True for an optimizer whose update needs the gradient at other parameter values, inside the step
+    # (DLRT's S-step): the trainer then calls ``step(closure)`` with a closure that runs the update's
+    # forward and backward again and returns the loss (torch's closure contract). Such an optimizer
+    # steps the whole model at once and cannot serve per-layer updates.
+    reevaluates: bool = False
 
     def step_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         """Update ``p`` in place from ``p.grad`` and ``self.state[p]`` with ``group``'s hyperparameters."""

@@ -56,6 +56,9 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
     config.validate_across_sections(cfg, world_size)
     get_strategy(cfg.distributed.strategy).validate(cfg, world_size)  # combinations the strategy refuses
     t = cfg.trainer
+    if t.per_layer_update:
+        why = get_method(cfg.method.name).per_layer_refusal(cfg)
+        check(why is None, "trainer.per_layer_update", True, f"method '{cfg.method.name}' cannot update per layer: {why}")
     if t.recompute == "method":
         has_policy = get_method(cfg.method.name)(cfg.method, cfg.model).recompute_policy() is not None
         check(has_policy, "trainer.recompute", t.recompute,

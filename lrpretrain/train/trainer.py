@@ -4,7 +4,8 @@ It never asks which method is running. One optimizer update (:meth:`Trainer.trai
 fetch the step's micro-batches, set the LR (schedule x method factor), ``method.before_step``, forward +
 backward each (loss
 normalised by the step's target tokens, so the update does not depend on how the batch is split),
-clip, guard against non-finite values, step, ``method.after_step``. With per-layer updates
+clip, guard against non-finite values, step (an optimizer that ``reevaluates`` gets a closure that runs
+the update's forward and backward again), ``method.after_step``. With per-layer updates
 (:mod:`lrpretrain.train.per_layer`) the last backward clips, guards and steps each parameter itself.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,7 +159,9 @@ class Trainer:
                 grad_norm, applied, stepped = out.grad_norm, out.applied, out.stepped
             else:
                 strategy.backward(ls / targets, last=True)
-                step_out = strategy.clip_and_step(self.model, self.optimizer, self.cfg.optim.grad_clip, math.isfinite(loss))
+                closure = self._reevaluate(batches, targets) if getattr(self.optimizer, "reevaluates", False) else None
+                step_out = strategy.clip_and_step(self.model, self.optimizer, self.cfg.optim.grad_clip, math.isfinite(loss),
+                                                  closure)
                 grad_norm, applied, stepped = step_out.grad_norm, step_out.applied, 0
         strategy.zero_grad(self.optimizer)
         record: dict[str, Any] = {"loss": loss, "grad_norm": grad_norm, "lr": self.cfg.optim.lr * factor}
@@ -173,6 +177,22 @@ class Trainer:
         self.method.after_step(StepContext(self.state.step, self.model, self.optimizer, record["lr"], loss,
                                            record.update))
         return record
+
+    def _reevaluate(self, batches: list, targets: torch.Tensor) -> Callable[[], float]:
+        """The closure of ``optimizer.step(closure)`` for an optimizer that ``reevaluates`` (DLRT's S-step):
+        forward and backward of this update's micro-batches again, at the parameters as they are when it
+        is called; returns the loss."""
+        def closure() -> float:
+            total = torch.zeros((), dtype=torch.float64, device=self.device)
+            for i, b in enumerate(batches):
+                last = i == len(batches) - 1
+                with self.strategy.accumulating(last=last):
+                    ls = self._loss(b)
+                    total += ls.detach()
+                    self.strategy.backward(ls / targets, last=last)
+            return float(all_reduce_sum(total) / targets)
+
+        return closure
 
     def _loss(self, b) -> torch.Tensor:
         """Forward one micro-batch: the summed loss over its target tokens."""
