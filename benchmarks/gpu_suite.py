@@ -168,6 +168,24 @@ def _e(method: str, kernels: str, gpu_s: float) -> Row:
                cap_s=240, cpu_s=6 if kernels == "torch" else 20, default=False)
 
 
+def _n(method: str, gpu_s: float) -> Row:
+    """A methods row of a method added after the first rows (``new_methods``, not in the default run): as
+    :func:`_m`, against m_full."""
+    return Row(f"m_{method}", "new_methods", gpu_s, method=method, size=METHODS, mb=64, ref="m_full", default=False)
+
+
+def _q(method: str, size: str, gpu_s: float) -> Row:
+    """A quantized-weights row (``quantized``, not in the default run): pure bf16 as the papers train, at
+    the memory size (micro-batch 32, against p_full_1b_pure) or at LLaMA-7B's width with 2 layers
+    (micro-batch 1 x 256 and per-layer updates as the 7B headlines, against p_full8pl_7b_2l_pure)."""
+    if size == "7b":
+        return Row(f"q_{method}_7b_2l", "quantized", gpu_s, method=method, size=size, mb=1, ref="p_full8pl_7b_2l_pure",
+                   overrides=("model.n_layers=2", "trainer.per_layer_update=true", "trainer.precision=pure_bf16"),
+                   cap_s=300, cpu_s=6, default=False)
+    return Row(f"q_{method}_1b", "quantized", gpu_s, method=method, size=size, mb=32, ref="p_full_1b_pure",
+               overrides=("trainer.precision=pure_bf16",), cap_s=300, cpu_s=6, default=False)
+
+
 GALORE8_PL = ("method.state_bits=8", "trainer.per_layer_update=true")
 
 # The rows, in the order they run: adding a row is adding an entry (a later issue's pure-bf16, quantised
@@ -254,6 +272,22 @@ ROWS: tuple[Row, ...] = (
     _e("sltrain", "triton", 14),
     _e("cola", "torch", 6),
     _e("cola", "triton", 25),
+    # The methods added after the first rows (not in the default run either: `--rows
+    # device,m_full,p_full_1b_pure,p_full8pl_7b_2l_pure,new_methods,quantized` runs them beside their
+    # references). Budgets: LOST's SVD of every weight at build and GradNormLoRP's and DLRT's first
+    # decompositions as GaLore's at 350m (~4 s); LoQT's first update step (every target's full gradient and
+    # its SVD) and Q-GaLore's first refresh as GaLore's at 1b (~17-20 s); LR-QAT's scale search (100
+    # quantisations of each weight) a few seconds at 1b.
+    _n("lost", 10),
+    _n("gradnorm_lorp", 9),
+    _n("dlrt", 10),
+    _n("loro", 6),
+    _q("loqt", MEMORY, 25),
+    _q("q_galore", MEMORY, 25),
+    _q("lr_qat", MEMORY, 12),
+    _q("loqt", "7b", 12),
+    _q("q_galore", "7b", 12),
+    _q("lr_qat", "7b", 8),
 )
 
 CPU_BASE = ["model=llama_tiny", "data=embedded", "data.seq_len=32", "trainer.device=cpu", "trainer.precision=fp32",
