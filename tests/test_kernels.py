@@ -422,7 +422,7 @@ def test_triton_without_cuda_or_the_interpreter_is_one_line(cli, tmp_path, monke
              "trainer.kernels='cuda' is invalid: allowed: auto, torch, triton")
 
 
-def test_kernels_torch_is_the_plain_path_and_auto_on_the_cpu_chunks_the_loss(corpus):
+def test_kernels_torch_is_the_plain_path_and_auto_on_the_cpu_chunks_the_loss(corpus, tmp_path):
     """trainer.kernels=torch: the loss from the model's logits and the PyTorch optimizer step, the code
     path of lrpretrain before the kernels, bit for bit (the same ops); auto on the CPU: the chunked loss
     (same loss and gradients to fp32 accuracy) and still the PyTorch step."""
@@ -432,7 +432,8 @@ def test_kernels_torch_is_the_plain_path_and_auto_on_the_cpu_chunks_the_loss(cor
     for choice in ("torch", "auto"):
         cfg, resolved = load_config(["model=llama_tiny", "data=embedded", "data.seq_len=64", "trainer.batch_size=2",
                                      "trainer.micro_batch_size=2", "trainer.precision=fp32", f"trainer.kernels={choice}",
-                                     "logging.progress=none", "data.val_tokens=0", "trainer.eval_at_start=false"])
+                                     "logging.progress=none", "data.val_tokens=0", "trainer.eval_at_start=false",
+                                     f"run.dir={tmp_path / choice}"])
         trainer = build_trainer(cfg, resolved)
         try:
             assert trainer.optimizer.fused_adam is None
