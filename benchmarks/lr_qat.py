@@ -77,6 +77,12 @@ def measure(names: list[str]) -> dict:
     return measure_rows(names, MEASURE)
 
 
+def measured_table(runs: dict) -> list[str]:
+    from pure_bf16 import measured_table as table  # same directory
+
+    return table(runs)
+
+
 def markdown(what: str, record: dict) -> str:
     md = [f"# LR-QAT: {what}", "", f"`{record['command']}` — {record['date']}, {record['machine'].get('cpu')}, "
           f"load average (1/5/15 min) at the end {tuple(round(x, 1) for x in record['machine']['loadavg'])}", ""]
@@ -92,16 +98,7 @@ def markdown(what: str, record: dict) -> str:
                       f"**{e['peak'] / GIB:.2f}** | {e['peak_at']} | {'yes' if e['fits'] else 'no'} |")
     else:
         md += ["Machine loaded by other jobs (load average above): the step time is not a figure of this method.", "",
-               "| run | measured peak (MiB) | estimate (MiB) | difference | measured weights / states / grads / "
-               "activations (MiB) | estimate's weights / states / grads / activations (MiB) | step (s) |",
-               "|---|---|---|---|---|---|---|"]
-        for name, r in record["runs"].items():
-            m, e = r["measured"], r["estimate"]
-            md.append(f"| {name} | {m['peak_bytes'] / MIB:,.0f} | {e['peak'] / MIB:,.0f} | {100 * (r['peak_ratio'] - 1):+.1f}% | "
-                      f"{(m['param_bytes'] + m['buffer_bytes']) / MIB:,.0f} / {m['optimizer_state_bytes'] / MIB:,.0f} / "
-                      f"{m['peak_grad_bytes'] / MIB:,.0f} / {m['activation_bytes'] / MIB:,.0f} | "
-                      f"{e['weights'] / MIB:,.0f} / {e['optimizer_states'] / MIB:,.0f} / {e['gradients'] / MIB:,.0f} / "
-                      f"{e['activations'] / MIB:,.0f} | {m['step_s']:.1f} |")
+               *measured_table(record["runs"])]
     return "\n".join(md) + "\n"
 
 

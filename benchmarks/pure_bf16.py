@@ -84,6 +84,22 @@ def measure(names: list[str], table: dict[str, list[str]] | None = None, command
     return out
 
 
+def measured_table(runs: dict) -> list[str]:
+    """The markdown rows of measured runs (:func:`measure`'s records) beside their estimates, term by term
+    (also benchmarks/quantized.py's and benchmarks/lr_qat.py's)."""
+    out = ["| run | measured peak (MiB) | estimate (MiB) | difference | measured weights / states / grads / "
+           "activations (MiB) | estimate's weights / states / grads / activations (MiB) | step (s) |",
+           "|---|---|---|---|---|---|---|"]
+    for name, r in runs.items():
+        m, e = r["measured"], r["estimate"]
+        out.append(f"| {name} | {m['peak_bytes'] / MIB:,.0f} | {e['peak'] / MIB:,.0f} | {100 * (r['peak_ratio'] - 1):+.1f}% | "
+                   f"{(m['param_bytes'] + m['buffer_bytes']) / MIB:,.0f} / {m['optimizer_state_bytes'] / MIB:,.0f} / "
+                   f"{m['peak_grad_bytes'] / MIB:,.0f} / {(m['activation_bytes'] or 0) / MIB:,.0f} | "
+                   f"{e['weights'] / MIB:,.0f} / {e['optimizer_states'] / MIB:,.0f} / {e['gradients'] / MIB:,.0f} / "
+                   f"{e['activations'] / MIB:,.0f} | {m['step_s']:.1f} |")
+    return out
+
+
 def _train(args: list[str], run: Path) -> list[dict]:
     from lrpretrain.cli.main import main
 
@@ -139,13 +155,7 @@ def write(what: str, data: dict, command: str) -> None:
           f"load average (1/5/15 min) at the end {tuple(round(x, 1) for x in record['loadavg'])}: the machine was shared, "
           "so step times are not figures of the methods", ""]
     if what == "measure":
-        md += ["| run | measured peak (MiB) | estimate (MiB) | difference | measured weights / states / grads (MiB) |",
-               "|---|---|---|---|---|"]
-        for name, r in data["runs"].items():
-            m, e = r["measured"], r["estimate"]
-            md.append(f"| {name} | {m['peak_bytes'] / MIB:,.0f} | {e['peak'] / MIB:,.0f} | "
-                      f"{100 * (r['peak_ratio'] - 1):+.1f}% | {(m['param_bytes'] + m['buffer_bytes']) / MIB:,.0f} / "
-                      f"{m['optimizer_state_bytes'] / MIB:,.0f} / {m['peak_grad_bytes'] / MIB:,.0f} |")
+        md += measured_table(data["runs"])
     elif what == "quality":
         md += ["| run | final train loss (last 20) | val loss | val ppl | train loss vs fp32 | val loss vs fp32 |",
                "|---|---|---|---|---|---|"]

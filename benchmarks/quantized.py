@@ -56,7 +56,7 @@ ESTIMATES = [
 ]
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pure_bf16 import WIDTH_7B, measure  # noqa: E402  (same directory: the 7B-width shapes, one bench update a row)
+from pure_bf16 import WIDTH_7B, measure, measured_table  # noqa: E402  (same directory: the 7B-width shapes, one bench update a row)
 
 MEASURE = {
     # update steps 0, 2, 5, ...: bench's measured update (index 2) takes W's full gradient and merges
@@ -137,15 +137,7 @@ def measure_markdown(result: dict) -> str:
              f"{result['machine'].get('cores')} cores (shared with other jobs: load average in the JSON). "
              "LLaMA-7B width with 2 layers, micro-batch 1 x 256, pure bf16; the measured update is each method's "
              "costliest (LoQT's update step, Q-GaLore's refresh). MiB.", "",
-             "| run | measured peak | estimate | ratio | params+buffers (meas / est) | optimizer states (meas / est) | "
-             "activations (meas / est) |",
-             "|---|---|---|---|---|---|---|"]
-    for name, r in result["runs"].items():
-        m, e = r["measured"], r["estimate"]
-        lines.append(f"| {name} | {m['peak_bytes'] / MIB:,.0f} | {e['peak'] / MIB:,.0f} | {r['peak_ratio']:.3f} | "
-                     f"{(m['param_bytes'] + m['buffer_bytes']) / MIB:,.0f} / {e['weights'] / MIB:,.0f} | "
-                     f"{m['optimizer_state_bytes'] / MIB:,.0f} / {e['optimizer_states'] / MIB:,.0f} | "
-                     f"{(m['activation_bytes'] or 0) / MIB:,.0f} / {e['activations'] / MIB:,.0f} |")
+             *measured_table(result["runs"])]
     return "\n".join(lines) + "\n"
 
 
