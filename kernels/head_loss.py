@@ -99,8 +99,11 @@ def _chunked(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, need_
         if need_w:
             if gz.dtype == hc.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
                 grad_w.addmm_(gz.t(), hc)
-            else:  # a bf16 product, accumulated in fp32
-                grad_w += gz.t() @ hc
+            else:  # bf16 logits: the fp32 gradient (z, before its rounding to gz) times the chunk's h in fp32,
+                # added into the fp32 accumulator in place: a bf16 product added to it would hold a vocab x dim
+                # product and (on the CPU) its fp32 cast at once
+                with torch.autocast(h.device.type, enabled=False):
+                    grad_w.addmm_(z.t(), hc.float())
     return loss, grad_h, None if grad_w is None else grad_w.to(weight.dtype)
 
 
@@ -179,7 +182,7 @@ def fused_loss_bytes(impl: str, tokens: int, dim: int, vocab: int, precision: st
     Kept: ∂h (tokens x dim, h's dtype: fp32 unless pure bf16) and ∂W (vocab x dim, W's dtype). In the
     forward, one chunk at a time (:func:`chunk_rows` rows): ``chunked`` holds the chunk's logits in the
     matmul's dtype, their fp32 copy (the same tensor in fp32) and the gradient cast back to the matmul's
-    dtype, and under bf16 one vocab x dim bf16 product of ∂W's update; ``liger`` holds the logits in the
+    dtype, and with bf16 logits the chunk's h in fp32 (∂W's update is an fp32 matmul into the accumulator); ``liger`` holds the logits in the
     matmul's dtype only (its kernel writes the gradient over them) and the per-row losses. Under pure
     bf16, ∂W is accumulated in fp32 and cast at the end (4 more bytes per entry of W); under bf16
     autocast the bf16 copy of W that autocast caches lives while the loss runs (nothing saves it).
@@ -196,7 +199,7 @@ def fused_loss_bytes(impl: str, tokens: int, dim: int, vocab: int, precision: st
     accumulator = 4.0 * w_grad if wb == 2 else 0.0  # fp32 accumulation of a bf16 ∂W
     if impl == "chunked":
         fp32_logits = 4.0 * rows * vocab
-        chunk = fp32_logits if lb == 4 else fp32_logits + lb * rows * vocab + 2.0 * w_grad
+        chunk = fp32_logits if lb == 4 else fp32_logits + lb * rows * vocab + (4.0 * rows * dim if head_grad else 0.0)
     else:
         chunk = float(lb * rows * vocab + 5 * tokens)
     saved = float(hb * tokens * dim + wb * w_grad)
