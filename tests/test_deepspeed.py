@@ -82,7 +82,9 @@ def test_generated_deepspeed_config():
 
 
 def test_the_cli_drops_the_launchers_local_rank(monkeypatch):
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "0")  # recorded, so that the teardown restores the environment as it was
+    monkeypatch.delenv("LOCAL_RANK")  # (a delenv of an unset variable records nothing: LOCAL_RANK=1 leaked into
+    # the later tests, and lm-eval's accelerate then tried to start torch.distributed)
     assert strip_local_rank(["--local_rank=1", "train", "a=1"]) == ["train", "a=1"]
     assert os.environ["LOCAL_RANK"] == "1"
     assert strip_local_rank(["train", "--local-rank", "3", "a=1"]) == ["train", "a=1"]

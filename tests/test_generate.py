@@ -24,7 +24,8 @@ def built(method: str, max_seq_len: int = 16):
     model = get_method(method)(cfg.method, cfg.model).prepare_model(build_model(cfg.model)).eval()
     with torch.no_grad():  # every factor non-trivial (LoRA's B starts at zero)
         for p in model.parameters():
-            p.add_(torch.randn_like(p), alpha=0.02)
+            if 0 not in p.stride():  # Q-GaLore's gradient handles: one value broadcast, not a weight
+                p.add_(torch.randn_like(p), alpha=0.02)
     return model
 
 

@@ -41,7 +41,6 @@ from lrpretrain.errors import check
 from lrpretrain.kernels.sparse_lowrank import (
     SparseLowRankFunction,
     SupportLayout,
-    dense_weight,
     sparse_lowrank_triton,
     support_layout,
 )
@@ -114,7 +113,10 @@ class SparseLowRankLinear(Reparameterized):
                                            self.scale, self.block_rows)
 
     def dense_weight(self) -> torch.Tensor:
-        return dense_weight(self.lora_A, self.lora_B, self.sparse_values, self.sparse_index, self.scale, torch.float32)
+        """s·B·A + S in fp32, differentiable (export and merges call it with or without autograd; the
+        forward's :func:`dense_weight` writes with ``out=``, which autograd refuses)."""
+        w = torch.mm(self.lora_B.float(), self.lora_A.float()) * self.scale
+        return w.view(-1).index_add(0, self.sparse_index, self.sparse_values.float()).view_as(w)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
