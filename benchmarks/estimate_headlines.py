@@ -19,7 +19,7 @@ from pathlib import Path
 from lrpretrain.estimate import estimate
 from lrpretrain.methods import get_method
 from lrpretrain.methods.subspace import target_shapes
-from lrpretrain.model.memory import llama_layer_bytes, outside_layers_bytes
+from lrpretrain.model.memory import llama_layer_bytes
 from lrpretrain.train import load_config
 
 RESULTS = Path(__file__).parent / "results"
@@ -69,19 +69,23 @@ def galore_account(overrides: list[str]) -> list[tuple[str, float]]:
     moments = plugin.state_bytes(mc, 8)
     bases = sum(plugin.basis_bytes(s) for s in target_shapes(mc, cfg.method.targets).values()) * mc.n_layers
     layers = mc.n_layers * llama_layer_bytes(mc, "none", "pure_bf16") * T
-    outside = outside_layers_bytes(mc, T, "pure_bf16") * T
-    return [
+    grad = 2.0 * mc.ffn_dim * mc.dim  # the stepped weight's gradient, beside its refresh (estimate's "layer step")
+    terms = [
         ("bf16 weights (6.74B x 2 B) + RoPE tables", e.weights),
         ("optimizer: projected moments, 8-bit (r 1024, larger side x r), + embedding/head/norm Adam 8-bit",
          moments - bases),
         ("optimizer: projection bases, bf16 (r x smaller side, 224 matrices)", bases),
-        ("gradient alive at a time: the LM head's (per-layer updates), bf16", e.gradients),
+        ("gradient alive at the peak: the refreshing 11008 x 4096 weight's, bf16 (per-layer updates: the LM "
+         "head's, 0.262, has been stepped and freed)", grad),
         ("activations: 32 blocks x 256 tokens x (24d + 8f + 4H + 8) B", layers),
-        ("activations: embedding ids, final norm, fp32 log-softmax of 256 x 32000 logits", outside),
-        ("transients at the peak (start of backward): the costliest step's temporaries "
-         "(a refresh of a 11008 x 4096 weight: its fp32 copies and SVD) - the freed log-softmax", e.transients),
-        ("peak", e.peak),
+        ("activations outside the blocks: embedding ids, final norm, the chunked loss's kept fp32 gradients "
+         "(∂h, ∂W of the LM head)", e.activations - layers),
+        (f"transients at the peak ({e.peak_at}): the costliest step's temporaries (a refresh of a 11008 x 4096 "
+         "weight: its fp32 copies and SVD) - the loss's kept gradients, freed by then", e.transients),
     ]
+    total = sum(x for _, x in terms)
+    assert e.peak_at == "layer step" and abs(total - e.peak) < 1e3, (e.peak_at, total, e.peak)  # the terms are the peak
+    return [*terms, ("peak", e.peak)]
 
 
 def main() -> None:

@@ -75,7 +75,7 @@ def measure(names: list[str], table: dict[str, list[str]] | None = None, command
         out[name] = {"overrides": table[name], "wall_s": time.perf_counter() - t0, "loadavg": [load0, os.getloadavg()],
                      "measured": {k: r.get(k) for k in ("peak_bytes", "param_bytes", "buffer_bytes",
                                                          "optimizer_state_bytes", "peak_grad_bytes", "activation_bytes",
-                                                         "other_at_peak", "step_s")},
+                                                         "other_at_peak", "rss_peak_delta", "step_s")},
                      "estimate": e, "peak_ratio": r["peak_bytes"] / e["peak"]}
         print(f"{name}: measured peak {r['peak_bytes'] / MIB:,.0f} MiB, estimate {e['peak'] / MIB:,.0f} MiB "
               f"({100 * (r['peak_bytes'] / e['peak'] - 1):+.1f}%)", flush=True)
@@ -88,15 +88,17 @@ def measured_table(runs: dict) -> list[str]:
     """The markdown rows of measured runs (:func:`measure`'s records) beside their estimates, term by term
     (also benchmarks/quantized.py's and benchmarks/lr_qat.py's)."""
     out = ["| run | measured peak (MiB) | estimate (MiB) | difference | measured weights / states / grads / "
-           "activations (MiB) | estimate's weights / states / grads / activations (MiB) | step (s) |",
-           "|---|---|---|---|---|---|---|"]
+           "activations (MiB) | estimate's weights / states / grads / activations (MiB) | resident set growth "
+           "in the update (MiB) | step (s) |",
+           "|---|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
         m, e = r["measured"], r["estimate"]
+        rss = "–" if m.get("rss_peak_delta") is None else f"{m['rss_peak_delta'] / MIB:,.0f}"  # not recorded before
         out.append(f"| {name} | {m['peak_bytes'] / MIB:,.0f} | {e['peak'] / MIB:,.0f} | {100 * (r['peak_ratio'] - 1):+.1f}% | "
                    f"{(m['param_bytes'] + m['buffer_bytes']) / MIB:,.0f} / {m['optimizer_state_bytes'] / MIB:,.0f} / "
                    f"{m['peak_grad_bytes'] / MIB:,.0f} / {(m['activation_bytes'] or 0) / MIB:,.0f} | "
                    f"{e['weights'] / MIB:,.0f} / {e['optimizer_states'] / MIB:,.0f} / {e['gradients'] / MIB:,.0f} / "
-                   f"{e['activations'] / MIB:,.0f} | {m['step_s']:.1f} |")
+                   f"{e['activations'] / MIB:,.0f} | {rss} | {m['step_s']:.1f} |")
     return out
 
 

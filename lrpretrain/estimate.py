@@ -35,6 +35,9 @@ Peak = weights + optimizer states + the largest of these moments of an update:
   start of backward:   activations + logits gradient + the LM head's gradient; with per-layer updates
                        the LM head's step instead (its gradient and the step's temporaries); + the
                        method's own backward work
+  layer step:          with per-layer updates, the costliest single-parameter step (a GaLore refresh, a
+                       dequantized INT8 step) beside that layer weight's gradient, the activations (less
+                       the loss's) and the method's own backward work
   optimizer step:      every gradient + the step's temporaries (global step only)
   module backward:     for a method whose modules hold temporaries of their own (a weight rebuilt from
                        quantized codes, ``module_temp_bytes``): activations + the LM head's gradient
@@ -64,6 +67,7 @@ from lrpretrain.model.memory import (
     outside_layers_bytes,
     rope_bytes,
 )
+from lrpretrain.optim.memory import elementwise_temp_bytes
 from lrpretrain.options import split_options
 from lrpretrain.train import load_config
 
@@ -93,7 +97,7 @@ class Estimate:
     activations: float  # saved for the backward of one micro-batch (incl. autocast's weight copies)
     transients: float  # beside the rest at the peak moment (logits copies, optimizer temporaries)
     peak: float
-    peak_at: str  # end of forward | start of backward | optimizer step | module backward | second forward
+    peak_at: str  # end of forward | start of backward | layer step | optimizer step | module backward | second forward
     # | second backward
     budget: float | None = None
     quantized_params: float = 0.0  # weights stored quantized in buffers (LoQT, Q-GaLore), not in ``params``
@@ -185,12 +189,22 @@ def estimate(cfg: Config, budget: float | None = None, precision: str | None = N
     method_temp = float(plugin.backward_temp_bytes(mc, cfg.optim, precision, tokens, accum, t.recompute,
                                                    t.recompute_every))
     moments = {"end of forward": activations + fwd_t + earlier}
-    if in_backward and fused:  # the head's step: after the loss's backward, whose kept gradients a retained
-        # graph (the exact global clip's first pass, which does not step) still holds
-        moments["start of backward"] = activations + bwd_t + max(earlier, head_grad) + max(0.0, step_temp - loss_kept) \
-            + method_temp
-    elif in_backward:  # the LM head's step runs early in the backward, beside nearly every activation
-        moments["start of backward"] = activations - log_softmax + max(earlier, head_grad) + step_temp + method_temp
+    if in_backward:
+        # The LM head steps first, beside nearly every activation; its temporaries are an element-wise step's
+        # (plain Adam, in pieces), at most the costliest step's.
+        head_temp = min(step_temp, elementwise_temp_bytes(head_grad / wb, bits, precision)) if head_grad else 0.0
+        if fused:  # after the loss's backward, whose kept gradients a retained graph (the exact global clip's
+            # first pass, which does not step) still holds
+            moments["start of backward"] = activations + bwd_t + max(earlier, head_grad) \
+                + max(0.0, head_temp - loss_kept) + method_temp
+        else:
+            moments["start of backward"] = activations - log_softmax + max(earlier, head_grad) + head_temp + method_temp
+        # The costliest step (a GaLore refresh, a dequantized INT8 step) is a layer's: it runs once that
+        # weight's gradient is ready, when the head's has been stepped and freed and the loss's kept tensors
+        # too; beside it that gradient (at most a dense layer weight's) and, conservatively, every
+        # layer's activations.
+        layer_grad = wb * min(largest, mc.dim * max(mc.ffn_dim, mc.dim))
+        moments["layer step"] = activations - log_softmax + max(earlier, layer_grad) + step_temp + method_temp
     else:
         moments["start of backward"] = activations + bwd_t + max(earlier, head_grad) + method_temp
         moments["optimizer step"] = all_grads + step_temp
@@ -207,6 +221,7 @@ def estimate(cfg: Config, budget: float | None = None, precision: str | None = N
     static = weights + states
     peak = static + moments[peak_at]
     gradients_at_peak = {"end of forward": earlier, "start of backward": max(earlier, head_grad),
+                         "layer step": max(earlier, wb * min(largest, mc.dim * max(mc.ffn_dim, mc.dim))),
                          "optimizer step": all_grads,
                          "module backward": max(earlier, 0.0 if in_backward else head_grad)}.get(
                              peak_at, second[1] if second else 0.0)
