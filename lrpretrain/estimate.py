@@ -101,6 +101,8 @@ class Estimate:
     # | second backward
     budget: float | None = None
     quantized_params: float = 0.0  # weights stored quantized in buffers (LoQT, Q-GaLore), not in ``params``
+    gradients_at_peak: float = 0.0  # of ``gradients``, those alive at the peak moment (with ``transients``
+    # and, but at the optimizer step, ``activations``, what the peak holds beyond weights and states)
 
     @property
     def fits(self) -> bool | None:
@@ -232,7 +234,7 @@ def estimate(cfg: Config, budget: float | None = None, precision: str | None = N
                     params=params, trainable_params=trainable, flops_per_token=cost["flops_per_token"],
                     weights=weights, optimizer_states=states, gradients=grads_kept, activations=activations,
                     transients=transients, peak=peak, peak_at=peak_at, budget=budget,
-                    quantized_params=cost.get("quantized_params", 0.0))
+                    quantized_params=cost.get("quantized_params", 0.0), gradients_at_peak=gradients_at_peak)
 
 
 # -- budgets and output -------------------------------------------------------------------------------------
@@ -269,7 +271,7 @@ def format_estimate(e: Estimate) -> str:
         f"FLOPs per token {e.flops_per_token / 1e9:10.3f} GFLOP (training: forward + backward)",
         f"weights          {_gib(e.weights)}   {'bf16' if e.precision == 'pure_bf16' else 'fp32'} parameters + buffers",
         f"optimizer states {_gib(e.optimizer_states)}",
-        f"gradients        {_gib(e.gradients)}   {grads}",
+        f"gradients        {_gib(e.gradients)}   {grads}; {_gib(e.gradients_at_peak).strip()} alive at the peak",
         f"activations      {_gib(e.activations)}   saved for the backward of one micro-batch",
         f"transients       {_gib(e.transients)}   at the peak ({e.peak_at})",
         f"peak             {_gib(e.peak)}",
