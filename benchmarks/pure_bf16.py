@@ -88,12 +88,15 @@ def measured_table(runs: dict) -> list[str]:
     """The markdown rows of measured runs (:func:`measure`'s records) beside their estimates, term by term
     (also benchmarks/quantized.py's and benchmarks/lr_qat.py's)."""
     out = ["| run | measured peak (MiB) | estimate (MiB) | difference | measured weights / states / grads / "
-           "activations (MiB) | estimate's weights / states / grads / activations (MiB) | resident set growth "
-           "in the update (MiB) | step (s) |",
+           "activations (MiB) | estimate's weights / states / grads / activations (MiB) | weights + states + resident "
+           "set growth in the update (MiB), vs the estimate | step (s) |",
            "|---|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
         m, e = r["measured"], r["estimate"]
-        rss = "–" if m.get("rss_peak_delta") is None else f"{m['rss_peak_delta'] / MIB:,.0f}"  # not recorded before
+        rss = "–"  # not recorded before 2026-12-05
+        if m.get("rss_peak_delta") is not None:
+            resident = m["param_bytes"] + m["buffer_bytes"] + m["optimizer_state_bytes"] + m["rss_peak_delta"]
+            rss = f"{resident / MIB:,.0f} ({100 * (resident / e['peak'] - 1):+.1f}%)"
         out.append(f"| {name} | {m['peak_bytes'] / MIB:,.0f} | {e['peak'] / MIB:,.0f} | {100 * (r['peak_ratio'] - 1):+.1f}% | "
                    f"{(m['param_bytes'] + m['buffer_bytes']) / MIB:,.0f} / {m['optimizer_state_bytes'] / MIB:,.0f} / "
                    f"{m['peak_grad_bytes'] / MIB:,.0f} / {(m['activation_bytes'] or 0) / MIB:,.0f} | "

@@ -97,8 +97,11 @@ def run_estimates() -> dict:
     return {"rows": rows}
 
 
-def run_measure(names: list[str]) -> dict:
-    return measure(names, MEASURE)
+def run_measure(names: list[str], command: str) -> dict:
+    runs = measure(names, MEASURE)
+    for r in runs.values():
+        r["command"], r["measured_at"] = command, time.strftime("%Y-%m-%d %H:%M")
+    return runs
 
 
 def _gb(x: float) -> str:
@@ -133,11 +136,18 @@ def estimate_markdown(result: dict) -> str:
 
 def measure_markdown(result: dict) -> str:
     lines = [f"### LoQT and Q-GaLore measured at 7B width on the CPU ({result['date']})", "",
-             f"Command: `{result['command']}`. Machine: {result['machine'].get('cpu')}, "
+             "Commands: " + "; ".join(f"`{r.get('command', result['command'])}` ({name}"
+                                      + (f", {r['measured_at']})" if "measured_at" in r else ")")
+                                      for name, r in result["runs"].items()) + ". "
+             f"Machine: {result['machine'].get('cpu')}, "
              f"{result['machine'].get('cores')} cores (shared with other jobs: load average in the JSON). "
              "LLaMA-7B width with 2 layers, micro-batch 1 x 256, pure bf16; the measured update is each method's "
              "costliest (LoQT's update step, Q-GaLore's refresh). MiB.", "",
-             *measured_table(result["runs"])]
+             *measured_table(result["runs"]), "",
+             "The allocation trace (measured peak) cannot see LAPACK's SVD workspace, which LAPACK allocates "
+             "itself (one SVD of 11008 x 4096: 277 MiB, `svd_workspace_cpu.md`). The resident set's growth "
+             "during the update sees it, but also what the C allocator keeps after frees: an upper bound, far "
+             "above the live peak for LoQT's update step."]
     return "\n".join(lines) + "\n"
 
 
@@ -155,7 +165,10 @@ def main() -> None:
         (RESULTS / "quantized_7b_estimate.md").write_text(estimate_markdown(result))
         print(estimate_markdown(result))
     else:
-        result = {"command": command, "date": date, "machine": machine(), "runs": run_measure(args.runs)}
+        old = RESULTS / "quantized_7b_width_cpu.json"  # rows measured earlier stay unless measured again
+        runs = json.loads(old.read_text())["runs"] if old.exists() else {}
+        runs.update(run_measure(args.runs, command))
+        result = {"command": command, "date": date, "machine": machine(), "runs": {k: runs[k] for k in MEASURE if k in runs}}
         (RESULTS / "quantized_7b_width_cpu.json").write_text(json.dumps(result, indent=1) + "\n")
         (RESULTS / "quantized_7b_width_cpu.md").write_text(measure_markdown(result))
         print(measure_markdown(result))
