@@ -69,14 +69,13 @@ def galore_account(overrides: list[str]) -> list[tuple[str, float]]:
     moments = plugin.state_bytes(mc, 8)
     bases = sum(plugin.basis_bytes(s) for s in target_shapes(mc, cfg.method.targets).values()) * mc.n_layers
     layers = mc.n_layers * llama_layer_bytes(mc, "none", "pure_bf16") * T
-    grad = 2.0 * mc.ffn_dim * mc.dim  # the stepped weight's gradient, beside its refresh (estimate's "layer step")
     terms = [
         ("bf16 weights (6.74B x 2 B) + RoPE tables", e.weights),
         ("optimizer: projected moments, 8-bit (r 1024, larger side x r), + embedding/head/norm Adam 8-bit",
          moments - bases),
         ("optimizer: projection bases, bf16 (r x smaller side, 224 matrices)", bases),
         ("gradient alive at the peak: the refreshing 11008 x 4096 weight's, bf16 (per-layer updates: the LM "
-         "head's, 0.262, has been stepped and freed)", grad),
+         "head's, 0.262, has been stepped and freed)", e.gradients_at_peak),
         ("activations: 32 blocks x 256 tokens x (24d + 8f + 4H + 8) B", layers),
         ("activations outside the blocks: embedding ids, final norm, the chunked loss's kept fp32 gradients "
          "(∂h, ∂W of the LM head)", e.activations - layers),

@@ -21,6 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+from lrpretrain.estimate import estimate
+from lrpretrain.train import load_config
+
 sys.path.insert(0, str(Path(__file__).parent))
 from pure_bf16 import measured_table  # noqa: E402  (same directory: the table of measured runs)
 
@@ -36,9 +39,6 @@ def _commit() -> str:
 
 
 def reestimate(path: Path, extra: list[str]) -> dict:
-    from lrpretrain.estimate import estimate
-    from lrpretrain.train import load_config
-
     record = json.loads(path.read_text())
     stamp = {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": _commit()}
     for name, run in record["runs"].items():

@@ -28,24 +28,20 @@ MIB = 2**20
 
 CHILD = r"""
 import json, sys, torch
-from lrpretrain.bench import AllocationPeak
+from lrpretrain.bench import AllocationPeak, _reset_peak_rss, _status_kib  # bench's own RSS readings
 from lrpretrain.optim.memory import svd_temp_bytes
 torch.set_num_threads(1)
 m, n = int(sys.argv[1]), int(sys.argv[2])
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
 torch.linalg.svd(torch.randn(64, 16), full_matrices=False)  # LAPACK loaded, the profiler's first use below
 A = torch.randn(m, n)
 with AllocationPeak() as trace:
     torch.linalg.svd(torch.randn(16, 8), full_matrices=False)
-    open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark to the resident set
-    before = status("VmRSS")
+    assert _reset_peak_rss(), "cannot reset the resident set's high-water mark (/proc/self/clear_refs)"
+    before = 1024 * _status_kib("VmRSS")
     with trace.measure():
         U, S, Vh = torch.linalg.svd(A, full_matrices=False)
         del U, S, Vh
-    hwm = status("VmHWM")
+    hwm = 1024 * _status_kib("VmHWM")
 print(json.dumps({"shape": [m, n], "rss_growth": hwm - before, "trace_peak": trace.peak,
                   "estimate": svd_temp_bytes((m, n))}))
 """

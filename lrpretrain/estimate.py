@@ -190,6 +190,8 @@ def estimate(cfg: Config, budget: float | None = None, precision: str | None = N
     # the method's own work inside the backward (LoQT's full gradient of W and its SVD at an update step)
     method_temp = float(plugin.backward_temp_bytes(mc, cfg.optim, precision, tokens, accum, t.recompute,
                                                    t.recompute_every))
+    # with per-layer updates, the gradient beside a layer's step: at most a dense layer weight's
+    layer_grad = wb * min(largest, mc.dim * max(mc.ffn_dim, mc.dim))
     moments = {"end of forward": activations + fwd_t + earlier}
     if in_backward:
         # The LM head steps first, beside nearly every activation; its temporaries are an element-wise step's
@@ -203,9 +205,7 @@ def estimate(cfg: Config, budget: float | None = None, precision: str | None = N
             moments["start of backward"] = activations - log_softmax + max(earlier, head_grad) + head_temp + method_temp
         # The costliest step (a GaLore refresh, a dequantized INT8 step) is a layer's: it runs once that
         # weight's gradient is ready, when the head's has been stepped and freed and the loss's kept tensors
-        # too; beside it that gradient (at most a dense layer weight's) and, conservatively, every
-        # layer's activations.
-        layer_grad = wb * min(largest, mc.dim * max(mc.ffn_dim, mc.dim))
+        # too; beside it that gradient (``layer_grad``) and, conservatively, every layer's activations.
         moments["layer step"] = activations - log_softmax + max(earlier, layer_grad) + step_temp + method_temp
     else:
         moments["start of backward"] = activations + bwd_t + max(earlier, head_grad) + method_temp
@@ -223,7 +223,7 @@ def estimate(cfg: Config, budget: float | None = None, precision: str | None = N
     static = weights + states
     peak = static + moments[peak_at]
     gradients_at_peak = {"end of forward": earlier, "start of backward": max(earlier, head_grad),
-                         "layer step": max(earlier, wb * min(largest, mc.dim * max(mc.ffn_dim, mc.dim))),
+                         "layer step": max(earlier, layer_grad),
                          "optimizer step": all_grads,
                          "module backward": max(earlier, 0.0 if in_backward else head_grad)}.get(
                              peak_at, second[1] if second else 0.0)
